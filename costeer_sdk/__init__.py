@@ -1,0 +1,53 @@
+"""costeer-sdk: a small on-device model steers a cloud LLM, token by token, toward one
+user, while the user's private context never leaves the device (CoSteer, arXiv 2507.04756).
+"""
+
+from costeer_sdk.client import Generation, GenerationStats, PersonalLLM
+from costeer_sdk.context import ContextTemplate
+from costeer_sdk.errors import (
+    ConfigurationError,
+    ContextTruncatedWarning,
+    CoSteerError,
+    GenerationInterrupted,
+    ModelCacheError,
+    ModelNotFoundError,
+    RemoteError,
+    RemoteProtocolError,
+    RemoteUnavailable,
+    TokenizerMismatchError,
+)
+from costeer_sdk.fusion import SteeringConfig, fuse, fuse_iterative, fuse_top_k, steering_weight
+from costeer_sdk.local import LocalModel
+from costeer_sdk.remote import InProcessRemote, NextTokenLogprobs, Remote, RemoteInfo, RemoteSession
+from costeer_sdk.runtime import LoadedModel
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CoSteerError",
+    "ConfigurationError",
+    "ContextTemplate",
+    "ContextTruncatedWarning",
+    "Generation",
+    "GenerationInterrupted",
+    "GenerationStats",
+    "InProcessRemote",
+    "LoadedModel",
+    "LocalModel",
+    "ModelCacheError",
+    "ModelNotFoundError",
+    "NextTokenLogprobs",
+    "PersonalLLM",
+    "Remote",
+    "RemoteError",
+    "RemoteInfo",
+    "RemoteProtocolError",
+    "RemoteSession",
+    "RemoteUnavailable",
+    "SteeringConfig",
+    "TokenizerMismatchError",
+    "fuse",
+    "fuse_iterative",
+    "fuse_top_k",
+    "steering_weight",
+]

@@ -1,0 +1,360 @@
+"""`PersonalLLM`: the one entry point applications use."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Literal
+
+from costeer_sdk.builtins import DEFAULT_CLOUD, DEFAULT_LOCAL
+from costeer_sdk.context import ContextTemplate, PromptBuilder
+from costeer_sdk.decoding import SamplingParams, TextAssembler, TokenChooser
+from costeer_sdk.errors import (
+    ConfigurationError,
+    GenerationInterrupted,
+    TokenizerMismatchError,
+)
+from costeer_sdk.fusion import SteeringConfig, steering_weight
+from costeer_sdk.local import LocalModel
+from costeer_sdk.logs import get_logger
+from costeer_sdk.remote import InProcessRemote, Remote, RemoteInfo
+from costeer_sdk.runtime import LoadedModel
+from costeer_sdk.scheduler import StepClock, steer
+
+log = get_logger(__name__)
+
+FinishReason = Literal["eos", "stop", "length"]
+
+
+@dataclass(frozen=True)
+class GenerationStats:
+    """Where a generation's time went.
+
+    ``remote_s`` and ``local_s`` are summed waits on each side; with the two in flight
+    together their sum exceeds ``elapsed_s``.
+    """
+
+    steps: int
+    prompt_tokens: int
+    private_prompt_tokens: int
+    context_records_used: int
+    elapsed_s: float
+    time_to_first_token_s: float
+    remote_s: float
+    local_s: float
+    fuse_s: float
+    steering_weight: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.steps / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Generation:
+    """A finished generation.
+
+    Attributes:
+        text: the generated text, cut before any stop string, without special tokens.
+        token_ids: every chosen token (the one that completed a stop string included,
+            EOS excluded).
+        finish_reason: "eos" (the model ended its turn), "stop" (a stop string) or
+            "length" (max_new_tokens).
+        steered: whether a personal context steered it (False: cloud-only).
+    """
+
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason
+    steered: bool
+    stats: GenerationStats
+
+
+@dataclass
+class _Request:
+    prompt: str
+    context: Sequence[str] | None
+    max_new_tokens: int
+    sampling: SamplingParams
+    stop: Sequence[str]
+    steering: SteeringConfig
+    result: Generation | None = field(default=None, init=False)
+
+
+class PersonalLLM:
+    """A cloud LLM steered token by token by a small local model that sees the user's
+    private context. Only chosen token ids ever reach the cloud.
+
+    Args:
+        remote: the cloud side (`InProcessRemote`, or a network remote).
+        local: the local model: a `LocalModel`, a `LoadedModel`, or a model spec string
+            (Hub id, directory, ``.gguf`` path or ``builtin:`` name).
+        steering: CoSteer hyperparameters (the paper's by default).
+        context_template: layout of the private prompt.
+        system_prompt: system message for both prompts, when the chat format has one.
+        max_context_tokens: cap on the private prompt plus generated tokens (defaults to
+            the local model's window); longer contexts are cut oldest-first.
+    """
+
+    def __init__(
+        self,
+        remote: Remote,
+        local: LocalModel | LoadedModel | str,
+        steering: SteeringConfig | None = None,
+        *,
+        context_template: ContextTemplate | None = None,
+        system_prompt: str | None = None,
+        max_context_tokens: int | None = None,
+    ) -> None:
+        if isinstance(local, str):
+            local = LocalModel.from_spec(local)
+        elif isinstance(local, LoadedModel):
+            local = LocalModel(local)
+        if not isinstance(local, LocalModel):
+            raise ConfigurationError(
+                f"local must be a LocalModel, a LoadedModel or a model spec, got {type(local)}"
+            )
+        if not isinstance(remote, Remote):
+            raise ConfigurationError(f"remote does not implement the Remote protocol: {remote!r}")
+        if max_context_tokens is not None and max_context_tokens < 2:
+            raise ConfigurationError("max_context_tokens must be at least 2")
+        self.remote = remote
+        self.local = local
+        self.steering = steering or SteeringConfig()
+        self.max_context_tokens = max_context_tokens
+        self.prompts = PromptBuilder(local.tokenizer, context_template, system_prompt)
+        self._remote_info: RemoteInfo | None = None
+        self._owned: list[LoadedModel] = []
+        if isinstance(remote, InProcessRemote):
+            self._check_tokenizers(remote.model.fingerprint, remote.model.name)
+
+    @classmethod
+    def from_models(
+        cls,
+        cloud: str = DEFAULT_CLOUD,
+        local: str = DEFAULT_LOCAL,
+        steering: SteeringConfig | None = None,
+        *,
+        top_k: int | None = None,
+        device: str = "cpu",
+        progress: bool = True,
+        **options: object,
+    ) -> PersonalLLM:
+        """Load both models into this process (blocking: loading takes seconds, or a
+        minute or two the first time a GGUF model is converted)."""
+        from costeer_sdk.loading import load_model
+
+        cloud_model = load_model(cloud, device=device, progress=progress)
+        local_model = (
+            cloud_model if local == cloud else load_model(local, device=device, progress=progress)
+        )
+        llm = cls(
+            InProcessRemote(cloud_model, top_k=top_k),
+            LocalModel(local_model),
+            steering,
+            **options,  # type: ignore[arg-type]
+        )
+        llm._owned = [cloud_model, local_model]
+        return llm
+
+    @classmethod
+    def from_defaults(cls, **options: object) -> PersonalLLM:
+        """The embedded default pair: Qwen2.5-Coder 1.5B (cloud) and 0.5B (local) Instruct."""
+        return cls.from_models(DEFAULT_CLOUD, DEFAULT_LOCAL, **options)  # type: ignore[arg-type]
+
+    def _check_tokenizers(self, remote_fingerprint: str | None, remote_name: str) -> None:
+        local = self.local.model
+        if remote_fingerprint is not None and remote_fingerprint != local.fingerprint:
+            raise TokenizerMismatchError(
+                f"the cloud model {remote_name!r} and the local model {local.name!r} use "
+                f"different tokenizers (vocabulary hashes {remote_fingerprint[:12]} vs "
+                f"{local.fingerprint[:12]}). CoSteer adds per-token deltas, so both must share "
+                "one tokenizer: pick a local model from the cloud model's family."
+            )
+
+    async def _info(self) -> RemoteInfo:
+        if self._remote_info is None:
+            info = await self.remote.describe()
+            self._check_tokenizers(info.tokenizer_fingerprint, info.model)
+            self._remote_info = info
+        return self._remote_info
+
+    async def generate(
+        self,
+        prompt: str,
+        *,
+        context: Sequence[str] | None = None,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: Sequence[str] | str = (),
+        steering: SteeringConfig | None = None,
+    ) -> Generation:
+        """Generate a reply to ``prompt`` personalized by ``context`` (history records,
+        oldest first). Without context this is the cloud model's own answer.
+
+        Raises:
+            ConfigurationError: bad arguments (a ValueError).
+            GenerationInterrupted: the generation failed part-way; it carries the
+                partial text and token ids.
+        """
+        request = self._request(
+            prompt, context, max_new_tokens, temperature, top_p, seed, stop, steering
+        )
+        async for _ in self._run(request):
+            pass
+        assert request.result is not None
+        return request.result
+
+    async def stream(
+        self,
+        prompt: str,
+        *,
+        context: Sequence[str] | None = None,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: Sequence[str] | str = (),
+        steering: SteeringConfig | None = None,
+    ) -> AsyncIterator[str]:
+        """Like `generate`, yielding text as it is decided; the pieces join to its text."""
+        request = self._request(
+            prompt, context, max_new_tokens, temperature, top_p, seed, stop, steering
+        )
+        async for piece in self._run(request):
+            yield piece
+
+    def _request(
+        self,
+        prompt: str,
+        context: Sequence[str] | None,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        seed: int | None,
+        stop: Sequence[str] | str,
+        steering: SteeringConfig | None,
+    ) -> _Request:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ConfigurationError("prompt must be a non-empty string")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+            raise ConfigurationError(f"max_new_tokens must be an int, got {max_new_tokens!r}")
+        if max_new_tokens <= 0:
+            raise ConfigurationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if isinstance(context, str):
+            context = [context]
+        return _Request(
+            prompt=prompt,
+            context=context,
+            max_new_tokens=max_new_tokens,
+            sampling=SamplingParams(temperature, top_p, seed),
+            stop=[stop] if isinstance(stop, str) else list(stop),
+            steering=steering or self.steering,
+        )
+
+    async def _run(self, request: _Request) -> AsyncIterator[str]:
+        info = await self._info()
+        local = self.local.model
+        window = min(info.max_sequence_length, local.window, self.max_context_tokens or 1 << 62)
+        if request.max_new_tokens >= window:
+            raise ConfigurationError(
+                f"max_new_tokens={request.max_new_tokens} leaves no room for the prompt in "
+                f"a {window}-token window"
+            )
+        prompts = self.prompts.build(
+            request.prompt, request.context, window - request.max_new_tokens
+        )
+        steered = prompts.private_ids is not None
+        text = TextAssembler(local.tokenizer, request.stop)
+        chooser = TokenChooser(request.sampling)
+        clock = StepClock()
+        started = time.perf_counter()
+        first_token_at: float | None = None
+        finish: FinishReason = "length"
+        log.info(
+            "generate.start",
+            prompt_tokens=len(prompts.public_ids),
+            private_prompt_tokens=len(prompts.private_ids or ()),
+            records=prompts.records_used,
+            steered=steered,
+            max_new_tokens=request.max_new_tokens,
+        )
+        tokens = steer(
+            self.remote,
+            self.local if steered else None,
+            prompts,
+            request.steering,
+            chooser,
+            request.max_new_tokens,
+            clock,
+        )
+        try:
+            async for token in tokens:
+                if first_token_at is None:
+                    first_token_at = time.perf_counter()
+                if token in local.eos_token_ids:
+                    finish = "eos"
+                    break
+                piece = text.push(token)
+                if piece:
+                    yield piece
+                if text.stopped:
+                    finish = "stop"
+                    break
+        except Exception as exc:
+            log.warning("generate.interrupted", tokens=len(text.token_ids), error=repr(exc))
+            raise GenerationInterrupted(
+                f"generation interrupted after {len(text.token_ids)} tokens: {exc}",
+                partial_text=text.text,
+                token_ids=text.token_ids,
+            ) from exc
+        finally:
+            await tokens.aclose()
+        rest = text.flush()
+        if rest:
+            yield rest
+        elapsed = time.perf_counter() - started
+        steps = len(text.token_ids) + (finish == "eos")
+        stats = GenerationStats(
+            steps=steps,
+            prompt_tokens=len(prompts.public_ids),
+            private_prompt_tokens=len(prompts.private_ids or ()),
+            context_records_used=prompts.records_used,
+            elapsed_s=elapsed,
+            time_to_first_token_s=(first_token_at or time.perf_counter()) - started,
+            remote_s=clock.remote_s,
+            local_s=clock.local_s,
+            fuse_s=clock.fuse_s,
+            steering_weight=steering_weight(request.steering) if steered else 0.0,
+        )
+        request.result = Generation(text.text, list(text.token_ids), finish, steered, stats)
+        log.info(
+            "generate.done",
+            steps=steps,
+            finish_reason=finish,
+            elapsed_s=round(elapsed, 3),
+            tokens_per_s=round(stats.tokens_per_s, 2),
+        )
+        log.debug("generate.text", text=text.text)
+
+    async def aclose(self) -> None:
+        """Close the remote and release the models this object loaded."""
+        await self.remote.aclose()
+        for model in self._owned:
+            model.close()
+
+    async def __aenter__(self) -> PersonalLLM:
+        await self._info()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()

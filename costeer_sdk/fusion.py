@@ -1,0 +1,201 @@
+"""Fusing the cloud distribution with the local model's personal delta.
+
+The paper (CoSteer, arXiv 2507.04756, Sec. 3) runs T rounds of follow-the-regularized-
+leader per token. Writing the player's policy as ``base + w_t * delta + c_t`` (``c_t`` a
+per-row constant, which log-softmax removes), every round maps ``w_{t-1}`` to ``w_t``
+with a scalar recurrence:
+
+    S_t = S_{t-1} + alpha * w_{t-1} + beta
+    w_t = (S_t + w_{t-1} / eta) / (t * lambda + 1 / eta),      w_0 = S_0 = 0
+
+so the T-round result is exactly ``log_softmax(logp_llm + w_T * delta)``. Because both
+``logp_llm`` and ``delta`` differ from raw logits only by per-row constants, the hot path
+needs one fused add and one log-softmax over raw logits. `fuse_iterative` keeps the
+literal iteration as the reference the tests compare against.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+
+from costeer_sdk.errors import ConfigurationError
+
+__all__ = [
+    "SteeringConfig",
+    "fuse",
+    "fuse_iterative",
+    "fuse_top_k",
+    "steering_weight",
+]
+
+
+@dataclass(frozen=True)
+class SteeringConfig:
+    """Hyperparameters of the CoSteer update; defaults are the paper's.
+
+    Attributes:
+        iterations: FTRL rounds T per token (>= 1).
+        alpha: weight of the player's own drift from the cloud policy in the utility (>= 0).
+        beta: weight of the local personal delta in the utility (>= 0; 0 disables steering).
+        player_lambda: strength of the pull back to the cloud policy (> 0).
+        eta: learning rate of the proximal term (> 0).
+    """
+
+    iterations: int = 20
+    alpha: float = 2.0
+    beta: float = 1.0
+    player_lambda: float = 2.0
+    eta: float = 10.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.iterations, bool) or not isinstance(self.iterations, int):
+            raise ConfigurationError(f"iterations must be an int, got {self.iterations!r}")
+        if self.iterations < 1:
+            raise ConfigurationError(
+                f"iterations must be >= 1 (the paper uses 20), got {self.iterations}"
+            )
+        for name in ("alpha", "beta", "player_lambda", "eta"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                raise ConfigurationError(f"{name} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise ConfigurationError(f"{name} must be finite, got {value!r}")
+        if self.alpha < 0 or self.beta < 0:
+            raise ConfigurationError(
+                f"alpha and beta must be >= 0 (got alpha={self.alpha}, beta={self.beta}); "
+                "set beta=0 to turn steering off"
+            )
+        if self.player_lambda <= 0 or self.eta <= 0:
+            raise ConfigurationError(
+                f"player_lambda and eta must be > 0 (got player_lambda={self.player_lambda}, "
+                f"eta={self.eta}); the paper uses 2.0 and 10.0"
+            )
+
+
+@lru_cache(maxsize=256)
+def steering_weight(config: SteeringConfig) -> float:
+    """The weight ``w`` with which T FTRL rounds add the local delta to the cloud log-probs.
+
+    1.7833 for the paper's defaults.
+    """
+    weight = 0.0
+    cumulative = 0.0
+    inv_eta = 1.0 / config.eta
+    for step in range(1, config.iterations + 1):
+        cumulative += config.alpha * weight + config.beta
+        weight = (cumulative + weight * inv_eta) / (step * config.player_lambda + inv_eta)
+    return weight
+
+
+def _check_shapes(*tensors: torch.Tensor) -> None:
+    if any(t.ndim != 2 for t in tensors):
+        raise ConfigurationError(
+            "logits must be [batch, vocab] tensors; got shapes "
+            + ", ".join(str(tuple(t.shape)) for t in tensors)
+        )
+    if len({tuple(t.shape) for t in tensors}) != 1:
+        raise ConfigurationError(
+            "cloud and local logits must cover the same vocabulary; got shapes "
+            + ", ".join(str(tuple(t.shape)) for t in tensors)
+        )
+
+
+def _delta(slm_without: torch.Tensor, slm_with: torch.Tensor) -> torch.Tensor:
+    """Raw-logit delta; a token masked (-inf) in both branches gets delta 0, not NaN."""
+    return torch.nan_to_num(slm_with.float() - slm_without.float(), nan=0.0)
+
+
+def fuse(
+    llm_logits: torch.Tensor,
+    slm_without_logits: torch.Tensor,
+    slm_with_logits: torch.Tensor,
+    config: SteeringConfig | None = None,
+) -> torch.Tensor:
+    """CoSteer's fused next-token log-probs, by the closed form (the hot path).
+
+    Args:
+        llm_logits: cloud logits or log-probs, ``[batch, vocab]``.
+        slm_without_logits: local logits without the personal context.
+        slm_with_logits: local logits with the personal context.
+        config: hyperparameters; the paper's defaults when omitted.
+
+    Returns:
+        float32 log-probs ``[batch, vocab]``, equal to `fuse_iterative` up to rounding.
+    """
+    _check_shapes(llm_logits, slm_without_logits, slm_with_logits)
+    weight = steering_weight(config or SteeringConfig())
+    steered = llm_logits.float() + weight * _delta(slm_without_logits, slm_with_logits)
+    return F.log_softmax(steered, dim=-1)
+
+
+def fuse_iterative(
+    llm_logits: torch.Tensor,
+    slm_without_logits: torch.Tensor,
+    slm_with_logits: torch.Tensor,
+    config: SteeringConfig | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """The paper's T-round FTRL, literally; the reference `fuse` is tested against.
+
+    ``dtype`` sets the precision of the iteration. In float32 (the paper's choice) its
+    rounding errors are amplified round after round when ``alpha > player_lambda``;
+    float64 shows what the iteration computes without that noise.
+    """
+    _check_shapes(llm_logits, slm_without_logits, slm_with_logits)
+    cfg = config or SteeringConfig()
+    base = F.log_softmax(llm_logits.to(dtype), dim=-1)
+    delta = F.log_softmax(slm_with_logits.to(dtype), dim=-1) - F.log_softmax(
+        slm_without_logits.to(dtype), dim=-1
+    )
+    player = base.clone()
+    cumulative_utility = torch.zeros_like(base)
+    for step in range(1, cfg.iterations + 1):
+        utility = cfg.alpha * (player - base) + cfg.beta * delta
+        cumulative_utility = cumulative_utility + utility
+        player = (step * cfg.player_lambda * base + cumulative_utility + player / cfg.eta) / (
+            step * cfg.player_lambda + 1.0 / cfg.eta
+        )
+        player = F.log_softmax(player, dim=-1)
+    return player
+
+
+def fuse_top_k(
+    top_ids: torch.Tensor,
+    top_logprobs: torch.Tensor,
+    slm_without_logits: torch.Tensor,
+    slm_with_logits: torch.Tensor,
+    config: SteeringConfig | None = None,
+) -> torch.Tensor:
+    """Fusion when the remote returns only the top-k of its distribution.
+
+    The fused distribution is supported on the cloud's top-k tokens alone and
+    renormalised there: tokens the cloud did not list get probability zero, exactly
+    as if the cloud had truncated its distribution to those k before steering. With
+    k = vocab this equals `fuse`.
+
+    Args:
+        top_ids: ``[batch, k]`` token ids of the cloud's top-k.
+        top_logprobs: ``[batch, k]`` their cloud log-probs (any per-row constant offset).
+        slm_without_logits, slm_with_logits: full-vocabulary local logits ``[batch, vocab]``.
+
+    Returns:
+        float32 log-probs ``[batch, k]`` over ``top_ids``.
+    """
+    if top_ids.shape != top_logprobs.shape or top_ids.ndim != 2:
+        raise ConfigurationError(
+            f"top_ids and top_logprobs must both be [batch, k]; got {tuple(top_ids.shape)} "
+            f"and {tuple(top_logprobs.shape)}"
+        )
+    _check_shapes(slm_without_logits, slm_with_logits)
+    vocab = slm_with_logits.shape[-1]
+    if top_ids.numel() and (int(top_ids.min()) < 0 or int(top_ids.max()) >= vocab):
+        raise ConfigurationError(f"top-k token ids must lie in [0, {vocab})")
+    delta = _delta(slm_without_logits, slm_with_logits).gather(-1, top_ids.long())
+    weight = steering_weight(config or SteeringConfig())
+    return F.log_softmax(top_logprobs.float() + weight * delta, dim=-1)

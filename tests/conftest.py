@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny import make_model, make_tokenizer
+
+from costeer_sdk import InProcessRemote, LoadedModel, PersonalLLM
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def cloud_model(tokenizer) -> LoadedModel:
+    return make_model(tokenizer, seed=1, hidden=48, layers=3, name="tiny-cloud")
+
+
+@pytest.fixture(scope="session")
+def local_model(tokenizer) -> LoadedModel:
+    return make_model(tokenizer, seed=2, name="tiny-local")
+
+
+@pytest.fixture
+def llm(cloud_model, local_model) -> PersonalLLM:
+    return PersonalLLM(InProcessRemote(cloud_model), local_model)
+
+
+HISTORY = [
+    "I ran ten miles in my new shoes and they felt light and springy.",
+    "The cushioning is soft, the grip is good on wet trails.",
+    "My earlier pair wore out after five hundred miles.",
+]
