@@ -137,13 +137,20 @@ class PersonalLLM:
         local: str = DEFAULT_LOCAL,
         steering: SteeringConfig | None = None,
         *,
-        top_k: int | None = None,
+        top_k: int | None = 20,
         device: str = "cpu",
         progress: bool = True,
         **options: object,
     ) -> PersonalLLM:
         """Load both models into this process (blocking: loading takes seconds, or a
-        minute or two the first time a GGUF model is converted)."""
+        minute or two the first time a GGUF model is converted).
+
+        ``top_k`` (default 20, what vLLM serves by default) restricts steering to the
+        cloud's top-k tokens, renormalised: the local delta can reorder what the cloud
+        finds plausible but cannot promote a token the cloud rules out. Measured on the
+        default pair, full-vocabulary fusion (``top_k=None``, the paper's literal form)
+        tends to copy the history verbatim; see docs/benchmarks.md.
+        """
         from costeer_sdk.loading import load_model
 
         cloud_model = load_model(cloud, device=device, progress=progress)

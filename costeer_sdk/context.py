@@ -116,9 +116,9 @@ class PromptBuilder:
         lo, hi = 0, len(ids)  # number of tail tokens kept; 0 always fits (public fits)
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            tail = self.tokenizer.decode(ids[len(ids) - mid :])
+            tail = str(self.tokenizer.decode(ids[len(ids) - mid :]))
             if len(self.encode(self.template.render([tail], query))) <= budget:
                 lo = mid
             else:
                 hi = mid - 1
-        return self.tokenizer.decode(ids[len(ids) - lo :]) if lo else ""
+        return str(self.tokenizer.decode(ids[len(ids) - lo :])) if lo else ""

@@ -84,9 +84,10 @@ class TextAssembler:
         self._released = 0
 
     def _decode(self) -> str:
-        return self.tokenizer.decode(
+        text = self.tokenizer.decode(
             self.token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
         )
+        return str(text)
 
     def push(self, token_id: int) -> str:
         """Add a token; return the newly final text (maybe empty). Sets `stopped` when a

@@ -83,7 +83,8 @@ def load_model(
             f"cache, a model directory, a .gguf file, or one of: "
             + ", ".join(f"builtin:{n}" for n in BUILTIN_MODELS)
         ) from exc
-    return LoadedModel(name=spec, model=model.to(device), tokenizer=tokenizer)
+    model.to(torch.device(device))  # type: ignore[arg-type]  # transformers stubs wrap .to
+    return LoadedModel(name=spec, model=model, tokenizer=tokenizer)
 
 
 def _single_gguf(path: Path) -> Path | None:

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, PreTrainedTokenizerBase
 
 from costeer_sdk.runtime import LoadedModel
 
@@ -32,14 +33,14 @@ class LocalModel:
         self.model = model
 
     @classmethod
-    def from_spec(cls, spec: str, **load_options: object) -> LocalModel:
+    def from_spec(cls, spec: str, **load_options: Any) -> LocalModel:
         """Load from a model spec (Hub id, directory, GGUF file or ``builtin:`` name)."""
         from costeer_sdk.loading import load_model
 
-        return cls(load_model(spec, **load_options))  # type: ignore[arg-type]
+        return cls(load_model(spec, **load_options))
 
     @property
-    def tokenizer(self):  # type: ignore[no-untyped-def]
+    def tokenizer(self) -> PreTrainedTokenizerBase:
         return self.model.tokenizer
 
     async def open(

@@ -24,7 +24,7 @@ _PROCESSORS: list[Any] = [
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:
     """A structlog logger that obeys the stdlib logger ``name``'s level and handlers."""
-    return structlog.wrap_logger(  # type: ignore[no-any-return]
+    return structlog.wrap_logger(
         logging.getLogger(name),
         processors=_PROCESSORS,
         wrapper_class=structlog.stdlib.BoundLogger,

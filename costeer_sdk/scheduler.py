@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, Awaitable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -78,33 +78,25 @@ async def steer(
     chooser: TokenChooser,
     max_new_tokens: int,
     clock: StepClock,
-) -> AsyncIterator[int]:
+) -> AsyncGenerator[int, None]:
     """Yield chosen token ids, one per step, up to ``max_new_tokens``.
 
     The caller stops early (EOS, stop string) by not asking for the next token; the
     remote session is closed however the loop ends.
     """
-    steered = local is not None and prompts.private_ids is not None
     remote_open = asyncio.ensure_future(clock.remote(remote.open_session(prompts.public_ids)))
     local_open: asyncio.Future[tuple[BranchPair, torch.Tensor]] | None = None
-    if steered:
-        assert local is not None and prompts.private_ids is not None
+    if local is not None and prompts.private_ids is not None:
         local_open = asyncio.ensure_future(
             clock.local(local.open(prompts.private_ids, prompts.public_ids))
         )
     session: RemoteSession | None = None
     try:
-        opened = await asyncio.gather(
-            remote_open, *([local_open] if local_open else []), return_exceptions=True
-        )
-        for result in opened:
-            if isinstance(result, tuple) and isinstance(result[1], NextTokenLogprobs):
-                session = result[0]
-        for result in opened:
-            if isinstance(result, BaseException):
-                raise result
-        session, cloud = opened[0]  # type: ignore[misc]
-        branches, local_logits = opened[1] if steered else (None, None)  # type: ignore[misc]
+        await asyncio.wait([f for f in (remote_open, local_open) if f is not None])
+        if not remote_open.cancelled() and remote_open.exception() is None:
+            session = remote_open.result()[0]  # opened: close it however the rest goes
+        session, cloud = remote_open.result()
+        branches, local_logits = local_open.result() if local_open else (None, None)
         position = len(prompts.public_ids)
         for step in range(max_new_tokens):
             started = time.perf_counter()
@@ -113,14 +105,16 @@ async def steer(
             yield token
             if step == max_new_tokens - 1:
                 return
-            pending: list[Awaitable[object]] = [clock.remote(session.advance(token, position))]
-            if branches is not None:
-                assert local is not None
-                pending.append(clock.local(local.advance(branches, token)))
-            results = await asyncio.gather(*pending)
-            cloud = results[0]  # type: ignore[assignment]
-            local_logits = results[1] if branches is not None else None  # type: ignore[assignment]
+            remote_step = clock.remote(session.advance(token, position))
+            if branches is None or local is None:
+                cloud = await remote_step
+            else:
+                local_step = clock.local(local.advance(branches, token))
+                cloud, local_logits = await asyncio.gather(remote_step, local_step)
             position += 1
     finally:
+        for opening in (remote_open, local_open):
+            if opening is not None and not opening.done():
+                opening.cancel()
         if session is not None:
             await asyncio.shield(session.close())

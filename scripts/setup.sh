@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Creates .venv and installs costeer-sdk with the embedded models and the test tools.
+# torch comes first and pinned: on these machines torch==2.13.0 is a CPU wheel on disk,
+# while an unpinned torch pulled in by a dependency would be a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m venv .venv
+. .venv/bin/activate
+python -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
+python -m pip install -q "torch==2.13.0" 2>&1 | grep -v "is ignored" || true
+python -m pip install -q -e ".[models,test]" 2>&1 | grep -v "is ignored" || true
+python -c "import torch, transformers, costeer_sdk; print('torch', torch.__version__, '| transformers', transformers.__version__, '| costeer-sdk', costeer_sdk.__version__)"

@@ -1,0 +1,83 @@
+"""Model specs resolve, and the converted-model cache is reused, verified and rebuilt."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from tiny import make_model
+
+from costeer_sdk import ModelNotFoundError
+from costeer_sdk.loading import cached_conversion, load_model, verify_cache
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("COSTEER_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a Hub id must resolve from the local cache
+    return tmp_path / "cache"
+
+
+def save_tiny(tokenizer, out: Path) -> None:  # type: ignore[no-untyped-def]
+    loaded = make_model(tokenizer, seed=11)
+    loaded.model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def test_a_model_directory_loads(tokenizer, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    save_tiny(tokenizer, tmp_path / "m")
+    model = load_model(str(tmp_path / "m"))
+    assert model.vocab_size == len(tokenizer)
+    assert model.fingerprint == make_model(tokenizer, seed=0).fingerprint
+
+
+def test_conversion_is_cached_and_rebuilt_when_corrupted(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    builds: list[Path] = []
+
+    def build(out: Path) -> None:
+        builds.append(out)
+        save_tiny(tokenizer, out)
+
+    first = cached_conversion("tiny-test", build, source="test")
+    assert len(builds) == 1 and verify_cache(first) is None
+    again = cached_conversion("tiny-test", build, source="test")
+    assert again == first and len(builds) == 1  # reused, not converted again
+
+    weights = first / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped bit-pattern in the middle of the weights
+    weights.write_bytes(bytes(data))
+    assert verify_cache(first) == "model.safetensors does not match its checksum"
+    rebuilt = cached_conversion("tiny-test", build, source="test")
+    assert len(builds) == 2 and verify_cache(rebuilt) is None
+    assert load_model(str(rebuilt)).vocab_size == len(tokenizer)
+
+    (rebuilt / "config.json").unlink()
+    assert verify_cache(rebuilt) == "config.json is missing or has the wrong size"
+    cached_conversion("tiny-test", build, source="test")
+    assert len(builds) == 3
+
+
+def test_a_failed_build_leaves_no_cache_behind(isolated_cache: Path) -> None:
+    def broken(out: Path) -> None:
+        (out / "model.safetensors").write_bytes(b"half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        cached_conversion("broken", broken, source="test")
+    leftovers = [p for p in (isolated_cache / "converted").iterdir() if p.suffix != ".lock"]
+    assert leftovers == []
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("builtin:no-such-model", "unknown builtin model"),
+        ("/nonexistent/model.gguf", "no model at"),
+        ("./missing-dir", "no model at"),
+        ("nobody/no-such-model-on-this-machine", "could not load"),
+    ],
+)
+def test_unresolvable_specs_raise_model_not_found(spec: str, message: str) -> None:
+    with pytest.raises(ModelNotFoundError, match=message):
+        load_model(spec)
