@@ -19,14 +19,18 @@ import torch
 from costeer_sdk.fusion import SteeringConfig, fuse, fuse_iterative
 
 
-def median_seconds(fn: Callable[[], torch.Tensor], repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+def median_seconds(
+    a: Callable[[], torch.Tensor], b: Callable[[], torch.Tensor], repeats: int
+) -> tuple[float, float]:
+    """Median seconds of ``a`` and ``b``, calls interleaved so both see the same load."""
+    a(), b()  # warm-up
+    times_a, times_b = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for fn, times in ((a, times_a), (b, times_b)):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    return statistics.median(times_a), statistics.median(times_b)
 
 
 def main() -> None:
@@ -47,8 +51,9 @@ def main() -> None:
         g = torch.Generator().manual_seed(vocab)
         llm, without, with_ = (torch.randn(args.batch, vocab, generator=g) * 3 for _ in range(3))
         inputs = (llm, without, with_, config)
-        t_iter = median_seconds(lambda x=inputs: fuse_iterative(*x), args.repeats)
-        t_closed = median_seconds(lambda x=inputs: fuse(*x), args.repeats)
+        t_iter, t_closed = median_seconds(
+            lambda x=inputs: fuse_iterative(*x), lambda x=inputs: fuse(*x), args.repeats
+        )
         closed = fuse(llm, without, with_, config)
         literal = fuse_iterative(llm, without, with_, config)
         dp = float((closed.exp() - literal.exp()).abs().max())

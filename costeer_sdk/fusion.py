@@ -106,8 +106,9 @@ def _check_shapes(*tensors: torch.Tensor) -> None:
 
 
 def _delta(slm_without: torch.Tensor, slm_with: torch.Tensor) -> torch.Tensor:
-    """Raw-logit delta; a token masked (-inf) in both branches gets delta 0, not NaN."""
-    return torch.nan_to_num(slm_with.float() - slm_without.float(), nan=0.0)
+    """Raw-logit delta (a fresh tensor); a token masked (-inf) in both branches gets
+    delta 0, not NaN."""
+    return torch.sub(slm_with.float(), slm_without.float()).nan_to_num_(nan=0.0)
 
 
 def fuse(
@@ -129,7 +130,7 @@ def fuse(
     """
     _check_shapes(llm_logits, slm_without_logits, slm_with_logits)
     weight = steering_weight(config or SteeringConfig())
-    steered = llm_logits.float() + weight * _delta(slm_without_logits, slm_with_logits)
+    steered = _delta(slm_without_logits, slm_with_logits).mul_(weight).add_(llm_logits.float())
     return F.log_softmax(steered, dim=-1)
 
 

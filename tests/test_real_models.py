@@ -53,14 +53,17 @@ async def test_personal_context_moves_the_answer_toward_the_user(real_llm: Perso
     builder = PromptBuilder(real_llm.local.tokenizer)
     private = builder.encode(builder.template.render(records, PROMPT))
     public = builder.encode(PROMPT)
-    # The answer is more likely under the context-aware local model...
+    # The history explains more of the steered answer: per token, the context-aware local
+    # model gains more log-likelihood over the context-free one (pointwise mutual
+    # information of answer and history). Raw likelihood under the context-aware model is
+    # not the measure: a generic answer is very predictable with or without context.
     ll_plain = mean_logprob(real_llm, private, plain.token_ids)
     ll_steered = mean_logprob(real_llm, private, steered.token_ids)
-    assert ll_steered > ll_plain, (ll_steered, ll_plain)
-    # ...and the context explains more of it (pointwise mutual information with the history).
     pmi_plain = ll_plain - mean_logprob(real_llm, public, plain.token_ids)
     pmi_steered = ll_steered - mean_logprob(real_llm, public, steered.token_ids)
-    assert pmi_steered > pmi_plain, (pmi_steered, pmi_plain)
+    print(f"\ncloud-only: {plain.text!r}\n  ll={ll_plain:.3f} pmi={pmi_plain:.3f}")
+    print(f"costeer:    {steered.text!r}\n  ll={ll_steered:.3f} pmi={pmi_steered:.3f}")
+    assert pmi_steered > pmi_plain + 0.05, (pmi_steered, pmi_plain)
 
 
 @pytest.mark.asyncio(loop_scope="module")
