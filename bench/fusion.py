@@ -22,14 +22,18 @@ from costeer_sdk.fusion import SteeringConfig, fuse, fuse_iterative
 def median_seconds(
     a: Callable[[], torch.Tensor], b: Callable[[], torch.Tensor], repeats: int
 ) -> tuple[float, float]:
-    """Median seconds of ``a`` and ``b``, calls interleaved so both see the same load."""
-    a(), b()  # warm-up
-    times_a, times_b = [], []
-    for _ in range(repeats):
+    """Median seconds of ``a`` and ``b``, timed in alternating blocks of ``repeats``
+    calls (5 blocks each), so both see the same machine load while each block runs
+    warm, as the hot path does."""
+    times_a: list[float] = []
+    times_b: list[float] = []
+    for _ in range(5):
         for fn, times in ((a, times_a), (b, times_b)):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
+            fn()  # warm-up after the other block
+            for _ in range(repeats):
+                start = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - start)
     return statistics.median(times_a), statistics.median(times_b)
 
 
