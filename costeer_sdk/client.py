@@ -19,6 +19,7 @@ from costeer_sdk.errors import (
 from costeer_sdk.fusion import SteeringConfig, steering_weight
 from costeer_sdk.local import LocalModel
 from costeer_sdk.logs import get_logger
+from costeer_sdk.memory.base import MemoryStore
 from costeer_sdk.remote import InProcessRemote, Remote, RemoteInfo
 from costeer_sdk.runtime import LoadedModel
 from costeer_sdk.scheduler import StepClock, steer
@@ -96,6 +97,8 @@ class PersonalLLM:
         system_prompt: system message for both prompts, when the chat format has one.
         max_context_tokens: cap on the private prompt plus generated tokens (defaults to
             the local model's window); longer contexts are cut oldest-first.
+        memory: the user-history store that ``generate(user_id=...)`` retrieves from.
+        memory_k: how many records to retrieve per generation (the paper uses 5).
     """
 
     def __init__(
@@ -107,6 +110,8 @@ class PersonalLLM:
         context_template: ContextTemplate | None = None,
         system_prompt: str | None = None,
         max_context_tokens: int | None = None,
+        memory: MemoryStore | None = None,
+        memory_k: int = 5,
     ) -> None:
         if isinstance(local, str):
             local = LocalModel.from_spec(local)
@@ -120,8 +125,12 @@ class PersonalLLM:
             raise ConfigurationError(f"remote does not implement the Remote protocol: {remote!r}")
         if max_context_tokens is not None and max_context_tokens < 2:
             raise ConfigurationError("max_context_tokens must be at least 2")
+        if memory_k < 1:
+            raise ConfigurationError(f"memory_k must be >= 1, got {memory_k}")
         self.remote = remote
         self.local = local
+        self.memory = memory
+        self.memory_k = memory_k
         self.steering = steering or SteeringConfig()
         self.max_context_tokens = max_context_tokens
         self.prompts = PromptBuilder(local.tokenizer, context_template, system_prompt)
@@ -193,6 +202,7 @@ class PersonalLLM:
         prompt: str,
         *,
         context: Sequence[str] | None = None,
+        user_id: str | None = None,
         max_new_tokens: int = 128,
         temperature: float = 0.0,
         top_p: float = 1.0,
@@ -201,13 +211,16 @@ class PersonalLLM:
         steering: SteeringConfig | None = None,
     ) -> Generation:
         """Generate a reply to ``prompt`` personalized by ``context`` (history records,
-        oldest first). Without context this is the cloud model's own answer.
+        oldest first), or, when ``user_id`` is given and ``context`` is not, by the
+        user's profile and the ``memory_k`` records of ``memory`` most relevant to the
+        prompt. Without either this is the cloud model's own answer.
 
         Raises:
             ConfigurationError: bad arguments (a ValueError).
             GenerationInterrupted: the generation failed part-way; it carries the
                 partial text and token ids.
         """
+        context = await self._context(prompt, context, user_id)
         request = self._request(
             prompt, context, max_new_tokens, temperature, top_p, seed, stop, steering
         )
@@ -221,6 +234,7 @@ class PersonalLLM:
         prompt: str,
         *,
         context: Sequence[str] | None = None,
+        user_id: str | None = None,
         max_new_tokens: int = 128,
         temperature: float = 0.0,
         top_p: float = 1.0,
@@ -229,11 +243,32 @@ class PersonalLLM:
         steering: SteeringConfig | None = None,
     ) -> AsyncIterator[str]:
         """Like `generate`, yielding text as it is decided; the pieces join to its text."""
+        context = await self._context(prompt, context, user_id)
         request = self._request(
             prompt, context, max_new_tokens, temperature, top_p, seed, stop, steering
         )
         async for piece in self._run(request):
             yield piece
+
+    async def _context(
+        self, prompt: str, context: Sequence[str] | None, user_id: str | None
+    ) -> Sequence[str] | None:
+        """Explicit context wins; else the user's retrieved records (oldest first, so
+        truncation drops the oldest) followed by their profile."""
+        if context is not None or user_id is None:
+            return context
+        if self.memory is None:
+            raise ConfigurationError(
+                "user_id needs a memory store: PersonalLLM(..., memory=SQLiteMemoryStore(path))"
+            )
+        hits = await self.memory.search(user_id, prompt, k=self.memory_k)
+        records = sorted((hit.record for hit in hits), key=lambda r: r.created_at)
+        texts = [r.text for r in records]
+        profile = await self.memory.get_profile(user_id)
+        if profile:
+            texts.append("About me: " + "; ".join(f"{k}: {v}" for k, v in profile.items()))
+        log.info("memory.retrieved", records=len(records), profile=bool(profile))
+        return texts
 
     def _request(
         self,

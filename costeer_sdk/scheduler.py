@@ -33,18 +33,17 @@ class StepClock:
     fuse_s: float = 0.0
 
     async def remote(self, call: Awaitable[T]) -> T:
-        start = time.perf_counter()
-        try:
-            return await call
-        finally:
-            self.remote_s += time.perf_counter() - start
+        return await self._timed(call, "remote_s")
 
     async def local(self, call: Awaitable[T]) -> T:
+        return await self._timed(call, "local_s")
+
+    async def _timed(self, call: Awaitable[T], total: str) -> T:
         start = time.perf_counter()
         try:
             return await call
         finally:
-            self.local_s += time.perf_counter() - start
+            setattr(self, total, getattr(self, total) + time.perf_counter() - start)
 
 
 def choose_token(

@@ -176,41 +176,43 @@ async def test_top_k_remote_steers_within_the_cloud_top_k(
         assert token in torch.topk(logits, 3).indices.tolist()
 
 
-async def test_local_passes_run_off_the_event_loop(local_model: LoadedModel) -> None:
-    ticks = 0
+class Ticker:
+    """Counts how often the event loop gets to run a coroutine that sleeps ``period``."""
 
-    async def ticker() -> None:
-        nonlocal ticks
+    def __init__(self, period: float) -> None:
+        self.period = period
+        self.ticks = 0
+
+    async def __aenter__(self) -> Ticker:
+        self._task = asyncio.create_task(self._run())
+        await asyncio.sleep(0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._task.cancel()
+
+    async def _run(self) -> None:
         while True:
-            await asyncio.sleep(0.001)
-            ticks += 1
+            await asyncio.sleep(self.period)
+            self.ticks += 1
 
-    task = asyncio.create_task(ticker())
-    await asyncio.sleep(0)
+
+async def test_local_passes_run_off_the_event_loop(local_model: LoadedModel) -> None:
     started = time.perf_counter()
-    await local_model.run(time.sleep, 0.3)
+    async with Ticker(0.001) as ticker:
+        await local_model.run(time.sleep, 0.3)
     elapsed = time.perf_counter() - started
-    task.cancel()
     assert elapsed >= 0.3
-    assert ticks >= 50, f"the event loop was blocked: {ticks} ticks in {elapsed:.2f}s"
+    assert ticker.ticks >= 50, f"the event loop was blocked: {ticker.ticks} ticks in {elapsed:.2f}s"
 
 
 async def test_generations_let_other_coroutines_run(tokenizer) -> None:  # type: ignore[no-untyped-def]
     big = make_model(tokenizer, seed=3, hidden=256, layers=6, name="slower")
     llm = PersonalLLM(InProcessRemote(big), big)
-    ticks = 0
-
-    async def ticker() -> None:
-        nonlocal ticks
-        while True:
-            await asyncio.sleep(0.002)
-            ticks += 1
-
-    task = asyncio.create_task(ticker())
-    out = await llm.generate(PROMPT, context=HISTORY * 5, max_new_tokens=12)
-    task.cancel()
+    async with Ticker(0.002) as ticker:
+        out = await llm.generate(PROMPT, context=HISTORY * 5, max_new_tokens=12)
     # A blocked loop would tick about once per step; a free one ticks far more.
-    assert ticks > 3 * out.stats.steps, (ticks, out.stats.elapsed_s)
+    assert ticker.ticks > 3 * out.stats.steps, (ticker.ticks, out.stats.elapsed_s)
 
 
 class FailingRemote:
