@@ -102,8 +102,21 @@ async def test_hostile_queries_never_break_search(store: SQLiteMemoryStore, quer
 
 
 def test_fts_query_quotes_every_term() -> None:
-    assert fts_query('say "hi" NEAR x') == '"say" OR "hi" OR "NEAR" OR "x"'
+    assert fts_query('say "hi" NEAR x') == '"say" OR "hi" OR "near" OR "x"'
+    assert fts_query("Café CAFE") == '"cafe"'
     assert fts_query("...") is None
+
+
+async def test_terms_in_most_records_do_not_change_the_ranking(store: SQLiteMemoryStore) -> None:
+    texts = [f"the shoe number {i} is fine" for i in range(8)] + [
+        "the wide toe box",
+        "the narrow heel cup",
+    ]
+    records = await store.add("alice", texts)
+    hits = await store.search("alice", "the wide", k=3)
+    assert [h.record.id for h in hits] == [records[8].id]  # "the" alone adds nothing
+    only_common = await store.search("alice", "the", k=3)
+    assert len(only_common) == 3  # a query of common words alone still answers
 
 
 @pytest.mark.parametrize(
@@ -227,7 +240,7 @@ async def test_schema_is_versioned_and_reopens(tmp_path: Path) -> None:
         await s.add("alice", ["kept"])
     async with SQLiteMemoryStore(path) as s:
         assert await s.count("alice") == 1
-        assert (await s._read("PRAGMA user_version", ()))[0][0] == 1
+        assert (await s._read("PRAGMA user_version", ()))[0][0] == 2
         assert (await s._read("PRAGMA journal_mode", ()))[0][0] == "wal"
 
 
@@ -265,3 +278,34 @@ async def test_generate_retrieves_the_users_records(
 async def test_user_id_without_a_store_is_explained(llm: PersonalLLM) -> None:
     with pytest.raises(ConfigurationError, match="memory store"):
         await llm.generate("hello there", user_id="alice", max_new_tokens=2)
+
+
+async def test_a_version_1_file_is_migrated_in_place(tmp_path: Path) -> None:
+    import sqlite3
+
+    from costeer_sdk.memory.sqlite import MIGRATIONS
+
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    db.executescript(MIGRATIONS[0])
+    db.execute(
+        "INSERT INTO records VALUES ('r1', 'alice', 'note', 'kept across upgrades', '{}', 1, 1)"
+    )
+    db.execute("PRAGMA user_version = 1")
+    db.commit()
+    db.close()
+    async with SQLiteMemoryStore(path) as store:
+        assert (await store._read("PRAGMA user_version", ()))[0][0] == len(MIGRATIONS)
+        assert [h.record.id for h in await store.search("alice", "kept upgrades")] == ["r1"]
+
+
+async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "future.db"
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA user_version = 99")
+    db.close()
+    with pytest.raises(ConfigurationError, match="upgrade costeer-sdk"):
+        async with SQLiteMemoryStore(path):
+            pass
