@@ -103,6 +103,43 @@ def demo(
 
 
 @main.command()
+@click.option("--model", required=True, help="Model spec: Hub id, directory, .gguf or builtin:.")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True)
+@click.option(
+    "--api-key", default=None, envvar="COSTEER_API_KEY", help="Require this bearer token."
+)
+@click.option("--max-sessions", default=64, show_default=True)
+@click.option(
+    "--session-ttl", default=600.0, show_default=True, help="Idle seconds before a session expires."
+)
+@click.option(
+    "--step-delay", default=0.0, hidden=True, help="Added latency per answer (benchmarks)."
+)
+def serve(
+    model: str,
+    host: str,
+    port: int,
+    api_key: str | None,
+    max_sessions: int,
+    session_ttl: float,
+    step_delay: float,
+) -> None:
+    """Serve a cloud model over HTTP (the session protocol; see /docs)."""
+    from costeer_sdk.server import serve as run_server
+
+    run_server(
+        model,
+        host=host,
+        port=port,
+        api_key=api_key,
+        max_sessions=max_sessions,
+        session_ttl_s=session_ttl,
+        step_delay_s=step_delay,
+    )
+
+
+@main.command()
 @click.argument("specs", nargs=-1)
 def prepare(specs: tuple[str, ...]) -> None:
     """Assemble and convert models ahead of time (default: the embedded pair)."""
@@ -230,3 +267,7 @@ def memory_export(db: Path, user: str, out: TextIO) -> None:
 
     count = _with_store(db, lambda s: export_jsonl(s, user, out))
     click.echo(f"exported {count} records", err=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -105,17 +105,11 @@ class InProcessRemote:
         )
 
     async def open_session(
-        self, prompt_ids: Sequence[int]
+        self, prompt_ids: Sequence[int], *, top_k: int | None = None
     ) -> tuple[InProcessSession, NextTokenLogprobs]:
-        session = InProcessSession(self, list(prompt_ids))
+        """Open a session; ``top_k`` overrides the remote's own for this session."""
+        session = InProcessSession(self, list(prompt_ids), top_k or self.top_k)
         return session, await session.prefill()
-
-    def _answer(self, logits: torch.Tensor) -> NextTokenLogprobs:
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
-        if self.top_k is None or self.top_k >= logprobs.shape[-1]:
-            return NextTokenLogprobs(logprobs)
-        values, ids = torch.topk(logprobs, self.top_k)
-        return NextTokenLogprobs(values, ids)
 
     async def aclose(self) -> None:
         """The model stays loaded; close it with ``model.close()`` when done."""
@@ -124,13 +118,16 @@ class InProcessRemote:
 class InProcessSession:
     """KV-cached state of one generation inside `InProcessRemote`."""
 
-    def __init__(self, remote: InProcessRemote, prompt_ids: list[int]) -> None:
+    def __init__(
+        self, remote: InProcessRemote, prompt_ids: list[int], top_k: int | None = None
+    ) -> None:
         vocab = remote.model.vocab_size
         if not prompt_ids:
             raise ConfigurationError("the prompt must have at least one token")
         if any(not 0 <= t < vocab for t in prompt_ids):
-            raise RemoteProtocolError(f"prompt token ids must lie in [0, {vocab})")
+            raise RemoteProtocolError(f"prompt token ids must lie in the vocabulary [0, {vocab})")
         self._remote = remote
+        self._top_k = top_k
         self._tokens = prompt_ids
         self._cache = DynamicCache()
         self._last: NextTokenLogprobs | None = None
@@ -165,7 +162,11 @@ class InProcessSession:
             use_cache=True,
             logits_to_keep=1,
         )
-        return self._remote._answer(out.logits[0, -1])
+        logprobs = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
+        if self._top_k is None or self._top_k >= logprobs.shape[-1]:
+            return NextTokenLogprobs(logprobs)
+        values, ids = torch.topk(logprobs, self._top_k)
+        return NextTokenLogprobs(values, ids)
 
     async def close(self) -> None:
         self._cache = DynamicCache()

@@ -1,0 +1,165 @@
+"""`SessionRemote`: the cloud side over HTTP, for `costeer serve`.
+
+One pooled `httpx.AsyncClient` per remote. Every call has a timeout; calls that are
+safe to repeat (all of them: a step names its position, so a repeated step is not
+applied twice) are retried with exponential backoff on connection errors, timeouts and
+5xx answers. Failures surface as `RemoteUnavailable` (could not get an answer) or
+`RemoteProtocolError` (got an answer this client cannot use).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import httpx
+from pydantic import ValidationError
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential,
+)
+
+from costeer_sdk.errors import ConfigurationError, RemoteProtocolError, RemoteUnavailable
+from costeer_sdk.logs import get_logger
+from costeer_sdk.remote import NextTokenLogprobs, RemoteInfo
+from costeer_sdk.wire import Encoding, Info, SessionState, decode
+
+log = get_logger(__name__)
+
+
+class _Retryable(Exception):
+    """A failure worth another attempt (connection, timeout, 5xx)."""
+
+
+class SessionRemote:
+    """A `Remote` served by ``costeer serve``.
+
+    Args:
+        base_url: e.g. ``http://127.0.0.1:8000``.
+        api_key: sent as a bearer token.
+        top_k: ask for the top-k only (None: the full distribution).
+        encoding: ``"f32"`` or ``"f16"`` for full distributions.
+        timeout_s: per-request timeout.
+        retries: attempts after the first, for connection errors, timeouts and 5xx.
+        transport: an httpx transport (tests, proxies, Unix sockets).
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str | None = None,
+        top_k: int | None = 20,
+        encoding: Encoding = "f32",
+        timeout_s: float = 30.0,
+        retries: int = 3,
+        backoff_s: float = 0.05,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        if top_k is not None and top_k < 1:
+            raise ConfigurationError(f"top_k must be >= 1 or None, got {top_k}")
+        if retries < 0 or timeout_s <= 0:
+            raise ConfigurationError("retries must be >= 0 and timeout_s > 0")
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.base_url = base_url.rstrip("/")
+        self.top_k = top_k
+        self.encoding = encoding
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self._client = httpx.AsyncClient(
+            base_url=self.base_url, headers=headers, timeout=timeout_s, transport=transport
+        )
+
+    async def _call(self, method: str, path: str, json: Any = None) -> Any:
+        response: httpx.Response | None = None
+        async for attempt in AsyncRetrying(
+            stop=stop_after_attempt(self.retries + 1),
+            wait=wait_exponential(multiplier=self.backoff_s, max=2.0),
+            retry=retry_if_exception_type(_Retryable),
+            reraise=True,
+        ):
+            with attempt:
+                try:
+                    response = await self._client.request(method, path, json=json)
+                except (httpx.TimeoutException, httpx.TransportError) as exc:
+                    log.info("remote.retry", path=path, error=type(exc).__name__)
+                    raise _Retryable(f"{type(exc).__name__}: {exc}") from exc
+                if response.status_code >= 500:
+                    log.info("remote.retry", path=path, status=response.status_code)
+                    raise _Retryable(f"server error {response.status_code}")
+        assert response is not None  # AsyncRetrying runs at least once or raises
+        return self._answer(response)
+
+    def _answer(self, response: httpx.Response) -> Any:
+        if response.status_code == 204:
+            return None
+        if response.status_code >= 400:
+            try:
+                detail = response.json().get("detail", response.text)
+            except ValueError:
+                detail = response.text
+            raise RemoteProtocolError(f"{response.status_code} from {self.base_url}: {detail}")
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise RemoteProtocolError(f"{self.base_url} answered with invalid JSON") from exc
+
+    async def _request(self, method: str, path: str, json: Any = None) -> Any:
+        try:
+            return await self._call(method, path, json)
+        except _Retryable as exc:
+            raise RemoteUnavailable(
+                f"{self.base_url} did not answer after {self.retries + 1} attempts: {exc}"
+            ) from exc
+
+    async def describe(self) -> RemoteInfo:
+        try:
+            info = Info.model_validate(await self._request("GET", "/v1/info"))
+        except ValidationError as exc:
+            raise RemoteProtocolError(f"malformed /v1/info answer: {exc}") from exc
+        return RemoteInfo(
+            info.model, info.vocab_size, info.max_sequence_length, info.tokenizer_fingerprint
+        )
+
+    async def open_session(
+        self, prompt_ids: Sequence[int]
+    ) -> tuple[HTTPSession, NextTokenLogprobs]:
+        body = {"prompt_ids": list(prompt_ids), "top_k": self.top_k, "encoding": self.encoding}
+        state = _state(await self._request("POST", "/v1/sessions", body))
+        return HTTPSession(self, state.session_id), decode(state.next)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+class HTTPSession:
+    """One generation's session on a `costeer serve` server."""
+
+    def __init__(self, remote: SessionRemote, session_id: str) -> None:
+        self.remote = remote
+        self.session_id = session_id
+
+    async def advance(self, token_id: int, position: int) -> NextTokenLogprobs:
+        body = {"position": position, "token_id": token_id}
+        path = f"/v1/sessions/{self.session_id}/advance"
+        state = _state(await self.remote._request("POST", path, body))
+        if state.position != position + 1:
+            raise RemoteProtocolError(
+                f"server holds {state.position} tokens after filling position {position}"
+            )
+        return decode(state.next)
+
+    async def close(self) -> None:
+        try:
+            await self.remote._request("DELETE", f"/v1/sessions/{self.session_id}")
+        except (RemoteUnavailable, RemoteProtocolError) as exc:  # it expires on its own
+            log.info("remote.close_failed", error=str(exc))
+
+
+def _state(payload: Any) -> SessionState:
+    try:
+        return SessionState.model_validate(payload)
+    except ValidationError as exc:
+        raise RemoteProtocolError(f"malformed session answer: {exc.errors()[:2]}") from exc

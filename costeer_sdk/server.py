@@ -1,0 +1,178 @@
+"""`costeer serve`: the cloud side over HTTP, speaking the session protocol.
+
+The server keeps each session's KV cache, so a step is one forward pass of one token
+and a request carries one token id, never the prefix. A step names the position it
+fills: repeating the last step (a client retry) returns the same answer without
+appending twice. Sessions expire after ``session_ttl_s`` idle and are capped at
+``max_sessions`` (429 past the cap). With ``api_key`` set, every route but ``/health``
+needs ``Authorization: Bearer <key>``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
+
+from costeer_sdk.errors import ConfigurationError, RemoteProtocolError
+from costeer_sdk.logs import get_logger
+from costeer_sdk.remote import InProcessRemote, InProcessSession
+from costeer_sdk.runtime import LoadedModel
+from costeer_sdk.wire import Encoding, Info, SessionAdvance, SessionCreate, SessionState, info_of
+from costeer_sdk.wire import encode as encode_dist
+
+log = get_logger(__name__)
+
+
+@dataclass
+class _Session:
+    inner: InProcessSession
+    encoding: Encoding
+    last_used: float = field(default_factory=time.monotonic)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+class _BodyLimit(BaseHTTPMiddleware):
+    def __init__(self, app: object, limit: int) -> None:
+        super().__init__(app)  # type: ignore[arg-type]
+        self.limit = limit
+
+    async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
+        declared = request.headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            return JSONResponse({"detail": f"body over {self.limit} bytes"}, status_code=413)
+        return await call_next(request)
+
+
+def create_app(
+    model: LoadedModel,
+    *,
+    api_key: str | None = None,
+    max_sessions: int = 64,
+    session_ttl_s: float = 600.0,
+    max_body_bytes: int = 8 << 20,
+    step_delay_s: float = 0.0,
+) -> FastAPI:
+    """The ASGI app serving ``model``.
+
+    ``step_delay_s`` adds latency to every model answer; it exists to emulate a remote
+    cloud in benchmarks and timeout tests.
+    """
+    remote = InProcessRemote(model)
+    sessions: dict[str, _Session] = {}
+    bearer = HTTPBearer(auto_error=False)
+
+    async def authorize(
+        credentials: HTTPAuthorizationCredentials | None = Depends(bearer),  # noqa: B008
+    ) -> None:
+        if api_key is None:
+            return
+        given = credentials.credentials if credentials else ""
+        if not secrets.compare_digest(given.encode(), api_key.encode()):
+            raise HTTPException(401, "missing or wrong API key", {"WWW-Authenticate": "Bearer"})
+
+    def expire() -> None:
+        now = time.monotonic()
+        for sid in [s for s, v in sessions.items() if now - v.last_used > session_ttl_s]:
+            del sessions[sid]
+            log.info("session.expired", session=sid)
+
+    def find(session_id: str) -> _Session:
+        expire()
+        session = sessions.get(session_id)
+        if session is None:
+            raise HTTPException(404, f"unknown or expired session {session_id!r}")
+        session.last_used = time.monotonic()
+        return session
+
+    app = FastAPI(
+        title="costeer serve",
+        version="1",
+        description="Next-token log-probs for CoSteer clients (session protocol).",
+    )
+    app.add_middleware(_BodyLimit, limit=max_body_bytes)
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/v1/info", dependencies=[Depends(authorize)])
+    async def info() -> Info:
+        return info_of(await remote.describe())
+
+    @app.post("/v1/sessions", status_code=201, dependencies=[Depends(authorize)])
+    async def create(body: SessionCreate) -> SessionState:
+        expire()
+        if len(sessions) >= max_sessions:
+            raise HTTPException(429, f"session limit ({max_sessions}) reached; retry later")
+        if len(body.prompt_ids) >= model.window:
+            raise HTTPException(422, f"prompt of {len(body.prompt_ids)} tokens fills the window")
+        try:
+            inner, first = await remote.open_session(body.prompt_ids, top_k=body.top_k)
+        except (RemoteProtocolError, ConfigurationError) as exc:
+            raise HTTPException(422, str(exc)) from exc
+        await asyncio.sleep(step_delay_s)
+        sid = uuid.uuid4().hex
+        sessions[sid] = _Session(inner, body.encoding)
+        return SessionState(
+            session_id=sid, position=inner.length, next=encode_dist(first, body.encoding)
+        )
+
+    @app.post("/v1/sessions/{session_id}/advance", dependencies=[Depends(authorize)])
+    async def advance(session_id: str, body: SessionAdvance) -> SessionState:
+        session = find(session_id)
+        async with session.lock:
+            if body.position + 1 >= model.window:
+                raise HTTPException(422, "the session has reached the model's window")
+            try:
+                dist = await session.inner.advance(body.token_id, body.position)
+            except RemoteProtocolError as exc:
+                status = 409 if "position" in str(exc) else 422
+                raise HTTPException(status, str(exc)) from exc
+            await asyncio.sleep(step_delay_s)
+            return SessionState(
+                session_id=session_id,
+                position=session.inner.length,
+                next=encode_dist(dist, session.encoding),
+            )
+
+    @app.delete("/v1/sessions/{session_id}", status_code=204, dependencies=[Depends(authorize)])
+    async def delete(session_id: str) -> Response:
+        session = sessions.pop(session_id, None)
+        if session is not None:
+            await session.inner.close()
+        return Response(status_code=204)
+
+    return app
+
+
+def serve(
+    model_spec: str,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    max_sessions: int = 64,
+    session_ttl_s: float = 600.0,
+    step_delay_s: float = 0.0,
+) -> None:
+    """Load ``model_spec`` and serve it with uvicorn until interrupted."""
+    import uvicorn
+
+    from costeer_sdk.loading import load_model
+
+    app = create_app(
+        load_model(model_spec),
+        api_key=api_key,
+        max_sessions=max_sessions,
+        session_ttl_s=session_ttl_s,
+        step_delay_s=step_delay_s,
+    )
+    uvicorn.run(app, host=host, port=port, log_level="warning")

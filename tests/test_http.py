@@ -1,0 +1,304 @@
+"""`costeer serve` and `SessionRemote` over real HTTP on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+from conftest import HISTORY
+
+from costeer_sdk import (
+    GenerationInterrupted,
+    InProcessRemote,
+    LoadedModel,
+    PersonalLLM,
+    RemoteProtocolError,
+    RemoteUnavailable,
+)
+from costeer_sdk.context import PromptBuilder
+from costeer_sdk.http_remote import SessionRemote
+from costeer_sdk.server import create_app
+
+PROMPT = "Write a short review of my new shoes."
+
+
+def free_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+class Served:
+    """A uvicorn server in a thread of this process, on a free loopback port."""
+
+    def __init__(self, app: object) -> None:
+        self.sock = free_socket()
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))  # type: ignore[arg-type]
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
+        )
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(5)
+
+
+@pytest.fixture(scope="module")
+def served(cloud_model: LoadedModel) -> Iterator[Served]:
+    server = Served(create_app(cloud_model, max_sessions=8, session_ttl_s=60))
+    yield server
+    server.stop()
+
+
+class Recording(httpx.AsyncBaseTransport):
+    """A real transport that records every request and can inject faults."""
+
+    def __init__(self, fail: dict[int, str] | None = None) -> None:
+        self.inner = httpx.AsyncHTTPTransport()
+        self.requests: list[tuple[str, str, bytes]] = []
+        self.fail = fail or {}
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        body = await request.aread()
+        self.requests.append((request.method, request.url.path, body))
+        fault = self.fail.pop(len(self.requests), None)
+        if fault == "lost-answer":  # the server applies the step, the answer never arrives
+            await self.inner.handle_async_request(request)
+            return httpx.Response(503, json={"detail": "upstream reset"})
+        if fault == "garbage":
+            return httpx.Response(200, content=b"{not json")
+        if fault == "bad-shape":
+            return httpx.Response(200, json={"session_id": "x", "position": "soon"})
+        return await self.inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_http_generation_equals_in_process(
+    served: Served, cloud_model: LoadedModel, local_model: LoadedModel
+) -> None:
+    for top_k in (None, 3):
+        local = PersonalLLM(InProcessRemote(cloud_model, top_k=top_k), local_model)
+        remote = SessionRemote(served.url, top_k=top_k)
+        over_http = PersonalLLM(remote, local_model)
+        a = await local.generate(PROMPT, context=HISTORY, max_new_tokens=16)
+        b = await over_http.generate(PROMPT, context=HISTORY, max_new_tokens=16)
+        assert a.token_ids == b.token_ids
+        await remote.aclose()
+
+
+async def test_f16_full_distributions_keep_greedy_choices(
+    served: Served, cloud_model: LoadedModel, local_model: LoadedModel
+) -> None:
+    local = PersonalLLM(InProcessRemote(cloud_model), local_model)
+    remote = SessionRemote(served.url, top_k=None, encoding="f16")
+    a = await local.generate(PROMPT, max_new_tokens=16)
+    b = await PersonalLLM(remote, local_model).generate(PROMPT, max_new_tokens=16)
+    assert a.token_ids == b.token_ids
+    await remote.aclose()
+
+
+async def test_privacy_audit_every_byte_sent_is_public(
+    served: Served, local_model: LoadedModel
+) -> None:
+    secret = "I was diagnosed with plantar fasciitis; my address is 4 Rue Oberkampf."
+    context = [*HISTORY, secret]
+    transport = Recording()
+    remote = SessionRemote(served.url, top_k=5, transport=transport)
+    llm = PersonalLLM(remote, local_model)
+    out = await llm.generate(PROMPT, context=context, max_new_tokens=12)
+    await remote.aclose()
+    assert out.steered
+
+    public = PromptBuilder(local_model.tokenizer).encode(PROMPT)
+    sent = transport.requests
+    assert sent[0] == ("GET", "/v1/info", b"")
+    assert sent[1][:2] == ("POST", "/v1/sessions")
+    assert json.loads(sent[1][2]) == {"prompt_ids": public, "top_k": 5, "encoding": "f32"}
+    session_path = f"/v1/sessions/{json.loads(sent[1][2]) and sent[2][1].split('/')[3]}"
+    steps = sent[2:-1]
+    assert [json.loads(body) for _, _, body in steps] == [
+        {"position": len(public) + i, "token_id": t} for i, t in enumerate(out.token_ids[:-1])
+    ]
+    assert all(m == "POST" and p == session_path + "/advance" for m, p, _ in steps)
+    assert sent[-1] == ("DELETE", session_path, b"")
+    everything = b"".join(m.encode() + p.encode() + b for m, p, b in sent)
+    for record in context:
+        assert record.encode() not in everything
+    for word in (b"plantar", b"Oberkampf", b"fasciitis"):
+        assert word not in everything
+
+
+async def test_a_lost_answer_is_retried_without_duplicating_a_token(
+    served: Served, local_model: LoadedModel
+) -> None:
+    clean = SessionRemote(served.url, top_k=None)
+    expected = await PersonalLLM(clean, local_model).generate(PROMPT, max_new_tokens=10)
+    await clean.aclose()
+    # request 1 is /v1/info, 2 opens the session, 5 is the third step
+    transport = Recording(fail={5: "lost-answer"})
+    remote = SessionRemote(served.url, top_k=None, transport=transport)
+    out = await PersonalLLM(remote, local_model).generate(PROMPT, max_new_tokens=10)
+    await remote.aclose()
+    assert out.token_ids == expected.token_ids
+    assert transport.requests[4] == transport.requests[5]  # the same step, sent twice
+
+
+@pytest.mark.parametrize("fault", ["garbage", "bad-shape"])
+async def test_malformed_answers_raise_protocol_errors_with_partial_text(
+    served: Served, local_model: LoadedModel, fault: str
+) -> None:
+    remote = SessionRemote(served.url, transport=Recording(fail={4: fault}))
+    with pytest.raises(GenerationInterrupted) as info:
+        await PersonalLLM(remote, local_model).generate(PROMPT, max_new_tokens=10)
+    await remote.aclose()
+    assert isinstance(info.value.__cause__, RemoteProtocolError)
+    assert len(info.value.token_ids) == 2
+
+
+async def test_a_slow_server_hits_the_timeout(cloud_model: LoadedModel, local_model) -> None:  # type: ignore[no-untyped-def]
+    slow = Served(create_app(cloud_model, step_delay_s=1.0))
+    try:
+        remote = SessionRemote(slow.url, timeout_s=0.2, retries=1, backoff_s=0.01)
+        started = time.monotonic()
+        with pytest.raises(RemoteUnavailable, match="did not answer after 2 attempts"):
+            await remote.open_session([1, 2, 3])
+        assert time.monotonic() - started < 1.0
+        await remote.aclose()
+    finally:
+        slow.stop()
+
+
+async def test_bad_requests_get_clear_4xx_and_the_server_survives(
+    served: Served, cloud_model: LoadedModel
+) -> None:
+    async with httpx.AsyncClient(base_url=served.url) as http:
+        r = await http.post(
+            "/v1/sessions", content=b"{not json", headers={"content-type": "application/json"}
+        )
+        assert r.status_code == 422
+        r = await http.post("/v1/sessions", json={"prompt_ids": []})
+        assert r.status_code == 422
+        r = await http.post("/v1/sessions", json={"prompt_ids": [10**9]})
+        assert r.status_code == 422 and "vocabulary" in r.text
+        r = await http.post("/v1/sessions/nope/advance", json={"position": 3, "token_id": 1})
+        assert r.status_code == 404 and "unknown" in r.text
+        r = await http.post("/v1/sessions", json={"prompt_ids": [1, 2, 3], "top_k": 2})
+        sid = r.json()["session_id"]
+        assert r.status_code == 201 and r.json()["position"] == 3
+        r = await http.post(f"/v1/sessions/{sid}/advance", json={"position": 7, "token_id": 1})
+        assert r.status_code == 409 and "position" in r.text
+        vocab = cloud_model.vocab_size
+        r = await http.post(f"/v1/sessions/{sid}/advance", json={"position": 3, "token_id": vocab})
+        assert r.status_code == 422
+        r = await http.post(
+            f"/v1/sessions/{sid}/advance", json={"position": 3, "token_id": 1, "x": 1}
+        )
+        assert r.status_code == 422
+        r = await http.post("/v1/sessions", content=b"[" + b"1," * 5_000_000 + b"1]")
+        assert r.status_code == 413
+        assert (await http.delete(f"/v1/sessions/{sid}")).status_code == 204
+        assert (await http.get("/health")).json() == {"status": "ok"}
+        assert (await http.get("/openapi.json")).status_code == 200
+
+
+async def test_api_key_session_cap_and_ttl(cloud_model: LoadedModel) -> None:
+    server = Served(create_app(cloud_model, api_key="s3cret", max_sessions=2, session_ttl_s=0.5))
+    try:
+        async with httpx.AsyncClient(base_url=server.url) as http:
+            assert (await http.get("/v1/info")).status_code == 401
+            bad = {"Authorization": "Bearer wrong"}
+            assert (await http.get("/v1/info", headers=bad)).status_code == 401
+            assert (await http.get("/health")).status_code == 200
+            auth = {"Authorization": "Bearer s3cret"}
+            opened = [
+                await http.post("/v1/sessions", json={"prompt_ids": [1, 2]}, headers=auth)
+                for _ in range(3)
+            ]
+            assert [r.status_code for r in opened] == [201, 201, 429]
+            await asyncio.sleep(0.7)
+            sid = opened[0].json()["session_id"]
+            r = await http.post(
+                f"/v1/sessions/{sid}/advance", json={"position": 2, "token_id": 1}, headers=auth
+            )
+            assert r.status_code == 404  # expired
+            r = await http.post("/v1/sessions", json={"prompt_ids": [1, 2]}, headers=auth)
+            assert r.status_code == 201  # expired sessions freed their places
+        remote = SessionRemote(server.url)
+        with pytest.raises(RemoteProtocolError, match="401"):
+            await remote.describe()
+        await remote.aclose()
+        keyed = SessionRemote(server.url, api_key="s3cret")
+        assert (await keyed.describe()).vocab_size == cloud_model.vocab_size
+        await keyed.aclose()
+    finally:
+        server.stop()
+
+
+def start_costeer_serve(model_dir: Path, sock_port: int) -> subprocess.Popen[bytes]:
+    cmd = [
+        sys.executable, "-m", "costeer_sdk.cli", "serve", "--model", str(model_dir),
+        "--port", str(sock_port), "--step-delay", "0.05",
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{sock_port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("costeer serve did not start")
+
+
+async def test_server_killed_mid_generation_then_restarted(
+    cloud_model: LoadedModel, local_model: LoadedModel, tmp_path: Path
+) -> None:
+    model_dir = tmp_path / "cloud"
+    cloud_model.model.save_pretrained(model_dir)
+    cloud_model.tokenizer.save_pretrained(model_dir)
+    sock = free_socket()
+    port = sock.getsockname()[1]
+    sock.close()
+    proc = start_costeer_serve(model_dir, port)
+    remote = SessionRemote(f"http://127.0.0.1:{port}", retries=1, backoff_s=0.01, timeout_s=5)
+    llm = PersonalLLM(remote, local_model)
+    pieces: list[str] = []
+    try:
+        with pytest.raises(GenerationInterrupted) as info:
+            async for piece in llm.stream(PROMPT, context=HISTORY, max_new_tokens=200):
+                pieces.append(piece)
+                if len(pieces) == 3:
+                    os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert isinstance(info.value.__cause__, RemoteUnavailable)
+        assert len(info.value.token_ids) >= 3
+        assert info.value.partial_text.startswith("".join(pieces))
+        proc = start_costeer_serve(model_dir, port)
+        out = await llm.generate(PROMPT, context=HISTORY, max_new_tokens=8)
+        assert len(out.token_ids) == 8
+    finally:
+        proc.kill()
+        proc.wait()
+        await remote.aclose()
