@@ -101,6 +101,8 @@ class PersonalLLM:
         memory: the user-history store that ``generate(user_id=...)`` retrieves from.
         memory_k: how many records to retrieve per generation (the paper uses 5).
         retriever: how records are chosen (`BM25Retriever` by default).
+        pipelined: issue each step's remote request and local pass together (default);
+            False runs them one after the other, as a baseline for comparison.
     """
 
     def __init__(
@@ -115,6 +117,7 @@ class PersonalLLM:
         memory: MemoryStore | None = None,
         memory_k: int = 5,
         retriever: Retriever | None = None,
+        pipelined: bool = True,
     ) -> None:
         if isinstance(local, str):
             local = LocalModel.from_spec(local)
@@ -135,6 +138,7 @@ class PersonalLLM:
         self.memory = memory
         self.memory_k = memory_k
         self.retriever = retriever or BM25Retriever()
+        self.pipelined = pipelined
         self.steering = steering or SteeringConfig()
         self.max_context_tokens = max_context_tokens
         self.prompts = PromptBuilder(local.tokenizer, context_template, system_prompt)
@@ -337,6 +341,7 @@ class PersonalLLM:
             chooser,
             request.max_new_tokens,
             clock,
+            pipelined=self.pipelined,
         )
         try:
             async for token in tokens:

@@ -77,11 +77,14 @@ async def steer(
     chooser: TokenChooser,
     max_new_tokens: int,
     clock: StepClock,
+    *,
+    pipelined: bool = True,
 ) -> AsyncGenerator[int, None]:
     """Yield chosen token ids, one per step, up to ``max_new_tokens``.
 
     The caller stops early (EOS, stop string) by not asking for the next token; the
-    remote session is closed however the loop ends.
+    remote session is closed however the loop ends. ``pipelined=False`` awaits the
+    remote before starting the local pass (the baseline `bench/pipeline.py` compares).
     """
     remote_open = asyncio.ensure_future(clock.remote(remote.open_session(prompts.public_ids)))
     local_open: asyncio.Future[tuple[BranchPair, torch.Tensor]] | None = None
@@ -107,6 +110,9 @@ async def steer(
             remote_step = clock.remote(session.advance(token, position))
             if branches is None or local is None:
                 cloud = await remote_step
+            elif not pipelined:
+                cloud = await remote_step
+                local_logits = await clock.local(local.advance(branches, token))
             else:
                 local_step = clock.local(local.advance(branches, token))
                 cloud, local_logits = await asyncio.gather(remote_step, local_step)

@@ -1,0 +1,137 @@
+"""Pipelined vs sequential steps, and concurrent generations, against `costeer serve`.
+
+    python bench/pipeline.py [--tokens 32] [--delays 0 20 80]
+
+The cloud is `costeer serve` on loopback, in its own process (a small random Qwen2
+model plus an injected per-step delay standing in for network and cloud compute);
+the local side is a random
+Qwen2 model sized to take tens of milliseconds per two-branch step on 2 CPU cores.
+Everything runs in one process and one run, so the numbers are side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from test_http import free_socket
+from tiny import make_model, make_tokenizer
+
+from costeer_sdk import PersonalLLM
+from costeer_sdk.http_remote import SessionRemote
+
+HISTORY = ["I ran ten miles in my new shoes.", "The grip is good on wet trails."] * 4
+PROMPT = "Write a short review of my new shoes."
+
+
+class Counting(httpx.AsyncBaseTransport):
+    def __init__(self) -> None:
+        self.inner = httpx.AsyncHTTPTransport()
+        self.sent = 0
+        self.received = 0
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.sent += len(await request.aread()) + len(request.url.raw_path)
+        response = await self.inner.handle_async_request(request)
+        self.received += len(await response.aread())
+        return response
+
+
+def start_server(model_dir: Path, delay_s: float) -> tuple[subprocess.Popen[bytes], str]:
+    """`costeer serve` in its own process, as a cloud would be."""
+    sock = free_socket()
+    port = sock.getsockname()[1]
+    sock.close()
+    cmd = [
+        sys.executable, "-m", "costeer_sdk.cli", "serve", "--model", str(model_dir),
+        "--port", str(port), "--step-delay", str(delay_s), "--max-sessions", "64",
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("costeer serve did not start")
+
+
+async def one_delay(delay_s: float, tokens: int, local, model_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    proc, url = start_server(model_dir, delay_s)
+    try:
+        rows = {}
+        for pipelined in (False, True):
+            transport = Counting()
+            remote = SessionRemote(url, top_k=20, transport=transport)
+            llm = PersonalLLM(remote, local, pipelined=pipelined)
+            await llm.generate(PROMPT, context=HISTORY, max_new_tokens=2)  # warm-up
+            out = await llm.generate(PROMPT, context=HISTORY, max_new_tokens=tokens)
+            s = out.stats
+            rows[pipelined] = (s, transport.sent / s.steps, transport.received / s.steps)
+            await remote.aclose()
+        seq, pip = rows[False][0], rows[True][0]
+        remote_step = seq.remote_s / seq.steps  # measured without overlap
+        local_step = seq.local_s / seq.steps
+        step = pip.elapsed_s / pip.steps
+        print(
+            f"{delay_s * 1e3:>6.0f} {seq.tokens_per_s:>9.2f} {pip.tokens_per_s:>9.2f} "
+            f"{remote_step * 1e3:>8.1f} {local_step * 1e3:>8.1f} {step * 1e3:>8.1f} "
+            f"{step / max(remote_step, local_step):>8.2f} "
+            f"{step / (remote_step + local_step):>8.2f} "
+            f"{rows[True][1]:>7.0f} {rows[True][2]:>7.0f}"
+        )
+        concurrency = []
+        for n in (1, 4, 8):
+            remote = SessionRemote(url, top_k=20)
+            llm = PersonalLLM(remote, local)
+            start = time.perf_counter()
+            outs = await asyncio.gather(
+                *(llm.generate(PROMPT, context=HISTORY, max_new_tokens=tokens) for _ in range(n))
+            )
+            elapsed = time.perf_counter() - start
+            concurrency.append((n, sum(len(o.token_ids) for o in outs) / elapsed))
+            await remote.aclose()
+        base = concurrency[0][1]
+        print(
+            "        concurrent: "
+            + ", ".join(f"{n} -> {tps:.1f} tok/s ({tps / base:.2f}x)" for n, tps in concurrency)
+        )
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--delays", type=float, nargs="+", default=[0, 20, 80])
+    args = parser.parse_args()
+    tokenizer = make_tokenizer()
+    cloud = make_model(tokenizer, seed=1, hidden=64, layers=2, name="bench-cloud")
+    local = make_model(tokenizer, seed=2, hidden=512, layers=8, name="bench-local")
+    print(json.dumps({"tokens": args.tokens, "local": "qwen2 random 512x8", "top_k": 20}))
+    scratch = tempfile.TemporaryDirectory()
+    model_dir = Path(scratch.name) / "cloud"
+    cloud.model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    print(
+        f"{'delay':>6} {'seq t/s':>9} {'pipe t/s':>9} {'remote':>8} {'local':>8} {'step':>8} "
+        f"{'/max':>8} {'/sum':>8} {'B out':>7} {'B in':>7}"
+    )
+    for delay in args.delays:
+        await one_delay(delay / 1e3, args.tokens, local, model_dir)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
