@@ -1,4 +1,4 @@
-"""`SessionRemote`: the cloud side over HTTP, for `costeer serve`.
+"""HTTP remotes: the shared client machinery, and `SessionRemote` for `costeer serve`.
 
 One pooled `httpx.AsyncClient` per remote. Every call has a timeout; calls that are
 safe to repeat (all of them: a step names its position, so a repeated step is not
@@ -33,14 +33,13 @@ class _Retryable(Exception):
     """A failure worth another attempt (connection, timeout, 5xx)."""
 
 
-class SessionRemote:
-    """A `Remote` served by ``costeer serve``.
+class HTTPRemote:
+    """What every HTTP remote shares: one pooled client, timeouts, bounded retries with
+    exponential backoff, and the mapping of failures to typed errors.
 
     Args:
         base_url: e.g. ``http://127.0.0.1:8000``.
         api_key: sent as a bearer token.
-        top_k: ask for the top-k only (None: the full distribution).
-        encoding: ``"f32"`` or ``"f16"`` for full distributions.
         timeout_s: per-request timeout.
         retries: attempts after the first, for connection errors, timeouts and 5xx.
         transport: an httpx transport (tests, proxies, Unix sockets).
@@ -51,21 +50,15 @@ class SessionRemote:
         base_url: str,
         *,
         api_key: str | None = None,
-        top_k: int | None = 20,
-        encoding: Encoding = "f32",
         timeout_s: float = 30.0,
         retries: int = 3,
         backoff_s: float = 0.05,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        if top_k is not None and top_k < 1:
-            raise ConfigurationError(f"top_k must be >= 1 or None, got {top_k}")
         if retries < 0 or timeout_s <= 0:
             raise ConfigurationError("retries must be >= 0 and timeout_s > 0")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.base_url = base_url.rstrip("/")
-        self.top_k = top_k
-        self.encoding = encoding
         self.retries = retries
         self.backoff_s = backoff_s
         self._client = httpx.AsyncClient(
@@ -114,6 +107,33 @@ class SessionRemote:
                 f"{self.base_url} did not answer after {self.retries + 1} attempts: {exc}"
             ) from exc
 
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+class SessionRemote(HTTPRemote):
+    """A `Remote` served by ``costeer serve`` (the session protocol).
+
+    Args:
+        top_k: ask for the top-k only (None: the full distribution).
+        encoding: ``"f32"`` or ``"f16"`` for full distributions.
+        Other arguments as for `HTTPRemote`.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        top_k: int | None = 20,
+        encoding: Encoding = "f32",
+        **options: Any,
+    ) -> None:
+        if top_k is not None and top_k < 1:
+            raise ConfigurationError(f"top_k must be >= 1 or None, got {top_k}")
+        super().__init__(base_url, **options)
+        self.top_k = top_k
+        self.encoding = encoding
+
     async def describe(self) -> RemoteInfo:
         try:
             info = Info.model_validate(await self._request("GET", "/v1/info"))
@@ -129,9 +149,6 @@ class SessionRemote:
         body = {"prompt_ids": list(prompt_ids), "top_k": self.top_k, "encoding": self.encoding}
         state = _state(await self._request("POST", "/v1/sessions", body))
         return HTTPSession(self, state.session_id), decode(state.next)
-
-    async def aclose(self) -> None:
-        await self._client.aclose()
 
 
 class HTTPSession:

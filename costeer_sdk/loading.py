@@ -116,6 +116,19 @@ def _converted_builtin(name: str, *, progress: bool) -> Path:
     return cached_conversion(key, build, source=f"builtin:{name}")
 
 
+def builtin_gguf(name: str, dest: str | Path, *, progress: bool = True) -> Path:
+    """Write the GGUF file of ``builtin:<name>`` to ``dest`` (checked against its SHA-256),
+    e.g. to serve the same weights with llama.cpp's ``llama-server``."""
+    try:
+        builtin = BUILTIN_MODELS[name.removeprefix("builtin:")]
+    except KeyError:
+        raise ModelNotFoundError(f"unknown builtin model {name!r}") from None
+    dest = Path(dest)
+    if not (dest.is_file() and dest.stat().st_size == builtin.size):
+        _assemble(builtin, dest, progress=progress)
+    return dest
+
+
 def _converted_gguf_file(path: Path, *, progress: bool) -> Path:
     digest = _sha256_file(path, progress=progress, label=f"hashing {path.name}")
     return cached_conversion(

@@ -23,6 +23,7 @@ from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoin
 
 from costeer_sdk.errors import ConfigurationError, RemoteProtocolError
 from costeer_sdk.logs import get_logger
+from costeer_sdk.openai_api import router as openai_router
 from costeer_sdk.remote import InProcessRemote, InProcessSession
 from costeer_sdk.runtime import LoadedModel
 from costeer_sdk.wire import Encoding, Info, SessionAdvance, SessionCreate, SessionState, info_of
@@ -59,6 +60,7 @@ def create_app(
     session_ttl_s: float = 600.0,
     max_body_bytes: int = 8 << 20,
     step_delay_s: float = 0.0,
+    model_name: str | None = None,
 ) -> FastAPI:
     """The ASGI app serving ``model``.
 
@@ -98,6 +100,9 @@ def create_app(
         description="Next-token log-probs for CoSteer clients (session protocol).",
     )
     app.add_middleware(_BodyLimit, limit=max_body_bytes)
+    app.include_router(
+        openai_router(model, model_name or model.name), dependencies=[Depends(authorize)]
+    )
 
     @app.get("/health")
     async def health() -> dict[str, str]:
