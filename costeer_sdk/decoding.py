@@ -15,13 +15,17 @@ from transformers import PreTrainedTokenizerBase
 
 from costeer_sdk.errors import ConfigurationError
 
+GREEDY_BELOW = 1e-4
+"""Temperatures below this decode greedily: dividing log-probs by less overflows float32."""
+
 
 @dataclass(frozen=True)
 class SamplingParams:
     """How a token is chosen from the fused distribution.
 
     Attributes:
-        temperature: 0 for greedy; > 0 divides the log-probs before sampling.
+        temperature: 0 (or below 1e-4) for greedy; above, divides the log-probs
+            before sampling.
         top_p: nucleus mass in (0, 1]; 1 keeps the whole distribution.
         seed: makes sampling reproducible; None draws a fresh seed.
     """
@@ -51,7 +55,7 @@ class TokenChooser:
             self._generator.manual_seed(params.seed)
 
     def choose(self, logprobs: torch.Tensor) -> int:
-        if self.params.temperature == 0:
+        if self.params.temperature < GREEDY_BELOW:
             return int(torch.argmax(logprobs))
         scaled = torch.softmax(logprobs.float() / self.params.temperature, dim=-1)
         if self.params.top_p < 1:

@@ -17,6 +17,7 @@ import torch
 from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, ConfigDict, Field
 
+from costeer_sdk.decoding import GREEDY_BELOW
 from costeer_sdk.runtime import LoadedModel
 
 
@@ -34,7 +35,10 @@ class CompletionRequest(BaseModel):
 
 def _prompt_ids(model: LoadedModel, prompt: Any) -> list[int]:
     if isinstance(prompt, str):
-        return list(model.tokenizer(prompt)["input_ids"])
+        ids = list(model.tokenizer(prompt)["input_ids"])
+        if not ids:
+            raise HTTPException(400, "prompt is empty")
+        return ids
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
         return _prompt_ids(model, prompt[0])
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
@@ -107,7 +111,7 @@ def _complete(model: LoadedModel, ids: list[int], body: CompletionRequest) -> di
     generated: list[int] = []
     current = logprobs[-1]
     for _ in range(body.max_tokens):
-        if body.temperature == 0:
+        if body.temperature < GREEDY_BELOW:
             token = int(current.argmax())
         else:
             probs = torch.softmax(current / body.temperature, dim=-1)
