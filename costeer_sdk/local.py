@@ -1,12 +1,15 @@
 """The on-device model: two KV-cached branches, with and without the personal context.
 
 Both branches advance by the same chosen token each step, so they are kept as one
-left-padded batch of two and computed in a single forward pass. Every pass runs on the
-model's worker thread (`LoadedModel.run`), never on the event loop.
+left-padded batch of two and computed in a single forward pass. Steps of concurrent
+generations that arrive while a pass is running are batched into the next pass: their
+caches are left-padded to a common length, run as one batch, and split back. Every
+pass runs on the model's worker thread (`LoadedModel.run`), never on the event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,11 +29,27 @@ class BranchPair:
     next_positions: torch.Tensor  # [2, 1], position id of the next token per branch
 
 
+def _key_values(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    layers: list[Any] = list(cache.layers)
+    return [(layer.keys, layer.values) for layer in layers]
+
+
+def _mergeable(cache: DynamicCache) -> bool:
+    """Plain per-layer key/value tensors (not sliding-window or recurrent layers)."""
+    return all(
+        type(layer).__name__ == "DynamicLayer" and getattr(layer, "keys", None) is not None
+        for layer in cache.layers
+    )
+
+
 class LocalModel:
     """A local transformers causal LM that computes CoSteer's two branches."""
 
-    def __init__(self, model: LoadedModel) -> None:
+    def __init__(self, model: LoadedModel, *, batch_generations: bool = True) -> None:
         self.model = model
+        self.batch_generations = batch_generations
+        self._pending: list[tuple[BranchPair, int, asyncio.Future[torch.Tensor]]] = []
+        self._flusher: asyncio.Task[None] | None = None
 
     @classmethod
     def from_spec(cls, spec: str, **load_options: Any) -> LocalModel:
@@ -51,7 +70,78 @@ class LocalModel:
 
     async def advance(self, branches: BranchPair, token_id: int) -> torch.Tensor:
         """Append ``token_id`` to both branches; return next-token logits ``[2, vocab]``."""
-        return await self.model.run(self._step, branches, token_id)
+        if not self.batch_generations:
+            return await self.model.run(self._step, branches, token_id)
+        future: asyncio.Future[torch.Tensor] = asyncio.get_running_loop().create_future()
+        self._pending.append((branches, token_id, future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.ensure_future(self._flush())
+        return await future
+
+    async def _flush(self) -> None:
+        """Run pending steps, all that have arrived at once, until none are left."""
+        await asyncio.sleep(0)  # let generations that are ready in this tick join
+        while self._pending:
+            batch, self._pending = self._pending, []
+            try:
+                results = await self.model.run(self._step_many, [(b, t) for b, t, _ in batch])
+            except Exception as exc:
+                for _, _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (_, _, future), logits in zip(batch, results, strict=True):
+                if not future.done():
+                    future.set_result(logits)
+
+    def _step_many(self, items: list[tuple[BranchPair, int]]) -> list[torch.Tensor]:
+        if len(items) == 1 or not all(_mergeable(b.cache) for b, _ in items):
+            return [self._step(b, t) for b, t in items]
+        device = self.model.device
+        width = max(b.attention_mask.shape[-1] for b, _ in items)
+        masks = [
+            torch.nn.functional.pad(b.attention_mask, (width - b.attention_mask.shape[-1], 0))
+            for b, _ in items
+        ]
+        mask = torch.cat(masks, dim=0)
+        mask = torch.cat(
+            [mask, torch.ones((mask.shape[0], 1), dtype=mask.dtype, device=device)], -1
+        )
+        per_item = [_key_values(b.cache) for b, _ in items]
+        merged = DynamicCache()
+        for index in range(len(per_item[0])):
+            keys, values = [], []
+            for layers in per_item:
+                k, v = layers[index]
+                pad = width - k.shape[-2]
+                keys.append(torch.nn.functional.pad(k, (0, 0, pad, 0)))
+                values.append(torch.nn.functional.pad(v, (0, 0, pad, 0)))
+            merged.update(torch.cat(keys), torch.cat(values), index)
+        ids = torch.tensor([[t] for _, t in items for _ in range(2)], device=device)
+        positions = torch.cat([b.next_positions for b, _ in items])
+        out = self.model.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            **{self.model.cache_argument: merged},
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        logits = out.logits[:, -1].float()
+        results = []
+        for row, (b, _) in enumerate(items):
+            rows = slice(2 * row, 2 * row + 2)
+            keep = b.attention_mask.shape[-1] + 1
+            split = DynamicCache()
+            for index, (k, v) in enumerate(_key_values(merged)):
+                split.update(
+                    k[rows, :, -keep:].contiguous(), v[rows, :, -keep:].contiguous(), index
+                )
+            b.cache = split
+            b.attention_mask = mask[rows, -keep:]
+            b.next_positions = b.next_positions + 1
+            results.append(logits[rows])
+        return results
 
     def _prefill(
         self, with_ids: list[int], without_ids: list[int]

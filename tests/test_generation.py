@@ -18,6 +18,7 @@ from costeer_sdk import (
     GenerationInterrupted,
     InProcessRemote,
     LoadedModel,
+    LocalModel,
     NextTokenLogprobs,
     PersonalLLM,
     RemoteInfo,
@@ -334,3 +335,38 @@ async def test_async_context_manager(cloud_model: LoadedModel, local_model: Load
     async with PersonalLLM(InProcessRemote(cloud_model), local_model) as llm:
         out = await llm.generate(PROMPT, max_new_tokens=3)
     assert len(out.token_ids) == 3
+
+
+class CountingLocal(LocalModel):
+    """Records how many generations each local pass served."""
+
+    def __init__(self, model: LoadedModel) -> None:
+        super().__init__(model)
+        self.batch_sizes: list[int] = []
+
+    def _step_many(self, items):  # type: ignore[no-untyped-def]
+        self.batch_sizes.append(len(items))
+        return super()._step_many(items)
+
+
+async def test_concurrent_generations_share_local_passes_and_match_solo_runs(
+    cloud_model: LoadedModel, local_model: LoadedModel
+) -> None:
+    contexts = [HISTORY, HISTORY[:1], [*HISTORY, "Trail runs every Sunday."] * 3, HISTORY[1:]]
+    prompts = [PROMPT, "Describe my running habits.", PROMPT, "A haiku about shoes."]
+    solo = [
+        await PersonalLLM(InProcessRemote(cloud_model), local_model).generate(
+            p, context=c, max_new_tokens=12
+        )
+        for p, c in zip(prompts, contexts, strict=True)
+    ]
+    local = CountingLocal(local_model)
+    llm = PersonalLLM(InProcessRemote(cloud_model), local)
+    together = await asyncio.gather(
+        *(
+            llm.generate(p, context=c, max_new_tokens=12)
+            for p, c in zip(prompts, contexts, strict=True)
+        )
+    )
+    assert [g.token_ids for g in together] == [g.token_ids for g in solo]
+    assert max(local.batch_sizes) >= 2, local.batch_sizes
