@@ -10,6 +10,7 @@ pass runs on the model's worker thread (`LoadedModel.run`), never on the event l
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -45,9 +46,18 @@ def _mergeable(cache: DynamicCache) -> bool:
 class LocalModel:
     """A local transformers causal LM that computes CoSteer's two branches."""
 
-    def __init__(self, model: LoadedModel, *, batch_generations: bool = True) -> None:
+    def __init__(
+        self,
+        model: LoadedModel,
+        *,
+        batch_generations: bool = True,
+        batch_window_s: float = 0.02,
+    ) -> None:
         self.model = model
         self.batch_generations = batch_generations
+        self.batch_window_s = batch_window_s
+        self._active = 0  # generations between open() and release()
+        self._all_pending = asyncio.Event()
         self._pending: list[tuple[BranchPair, int, asyncio.Future[torch.Tensor]]] = []
         self._flusher: asyncio.Task[None] | None = None
 
@@ -65,8 +75,18 @@ class LocalModel:
     async def open(
         self, with_context: Sequence[int], without_context: Sequence[int]
     ) -> tuple[BranchPair, torch.Tensor]:
-        """Prefill both branches; return their state and next-token logits ``[2, vocab]``."""
-        return await self.model.run(self._prefill, list(with_context), list(without_context))
+        """Prefill both branches; return their state and next-token logits ``[2, vocab]``.
+
+        Call `release` when the generation ends, so batching stops waiting for it."""
+        opened = await self.model.run(self._prefill, list(with_context), list(without_context))
+        self._active += 1
+        return opened
+
+    def release(self, branches: BranchPair) -> None:
+        """The generation that owns ``branches`` is over."""
+        self._active = max(0, self._active - 1)
+        if self._pending and len(self._pending) >= self._active:
+            self._all_pending.set()
 
     async def advance(self, branches: BranchPair, token_id: int) -> torch.Tensor:
         """Append ``token_id`` to both branches; return next-token logits ``[2, vocab]``."""
@@ -74,14 +94,21 @@ class LocalModel:
             return await self.model.run(self._step, branches, token_id)
         future: asyncio.Future[torch.Tensor] = asyncio.get_running_loop().create_future()
         self._pending.append((branches, token_id, future))
+        if len(self._pending) >= self._active:
+            self._all_pending.set()
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.ensure_future(self._flush())
         return await future
 
     async def _flush(self) -> None:
         """Run pending steps, all that have arrived at once, until none are left."""
-        await asyncio.sleep(0)  # let generations that are ready in this tick join
         while self._pending:
+            # Wait (at most the window) for every running generation's step, so that
+            # generations fall into step with each other and share every pass.
+            if len(self._pending) < self._active:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._all_pending.wait(), self.batch_window_s)
+            self._all_pending.clear()
             batch, self._pending = self._pending, []
             try:
                 results = await self.model.run(self._step_many, [(b, t) for b, t, _ in batch])

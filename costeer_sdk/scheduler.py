@@ -118,6 +118,14 @@ async def steer(
                 cloud, local_logits = await asyncio.gather(remote_step, local_step)
             position += 1
     finally:
+        opened_locally = (
+            local_open is not None
+            and local_open.done()
+            and not local_open.cancelled()
+            and local_open.exception() is None
+        )
+        if local is not None and local_open is not None and opened_locally:
+            local.release(local_open.result()[0])
         for opening in (remote_open, local_open):
             if opening is not None and not opening.done():
                 opening.cancel()
