@@ -146,15 +146,7 @@ class LocalModel:
             merged.update(torch.cat(keys), torch.cat(values), index)
         ids = torch.tensor([[t] for _, t in items for _ in range(2)], device=device)
         positions = torch.cat([b.next_positions for b, _ in items])
-        out = self.model.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
-            **{self.model.cache_argument: merged},
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        logits = out.logits[:, -1].float()
+        logits = self._forward(ids, mask, positions, merged)
         results = []
         for row, (b, _) in enumerate(items):
             rows = slice(2 * row, 2 * row + 2)
@@ -170,6 +162,24 @@ class LocalModel:
             results.append(logits[rows])
         return results
 
+    def _forward(
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        cache: DynamicCache,
+    ) -> torch.Tensor:
+        """One forward pass extending ``cache``; float32 logits of the last position."""
+        out = self.model.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            **{self.model.cache_argument: cache},
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return out.logits[:, -1].float()
+
     def _prefill(
         self, with_ids: list[int], without_ids: list[int]
     ) -> tuple[BranchPair, torch.Tensor]:
@@ -183,16 +193,9 @@ class LocalModel:
             mask[row, width - len(seq) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
-        out = self.model.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
-            **{self.model.cache_argument: cache},
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        logits = self._forward(ids, mask, positions, cache)
         branches = BranchPair(cache, mask, positions[:, -1:] + 1)
-        return branches, out.logits[:, -1].float()
+        return branches, logits
 
     def _step(self, branches: BranchPair, token_id: int) -> torch.Tensor:
         device = self.model.device
@@ -200,13 +203,8 @@ class LocalModel:
         branches.attention_mask = torch.cat(
             [branches.attention_mask, torch.ones((2, 1), dtype=torch.long, device=device)], dim=-1
         )
-        out = self.model.model(
-            input_ids=ids,
-            attention_mask=branches.attention_mask,
-            position_ids=branches.next_positions,
-            **{self.model.cache_argument: branches.cache},
-            use_cache=True,
-            logits_to_keep=1,
+        logits = self._forward(
+            ids, branches.attention_mask, branches.next_positions, branches.cache
         )
         branches.next_positions = branches.next_positions + 1
-        return out.logits[:, -1].float()
+        return logits
