@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -39,7 +40,13 @@ def configs(draw: st.DrawFn) -> SteeringConfig:
     )
 
 
-@settings(max_examples=300, deadline=None)
+# CI runs a fixed (derandomized) set of 300 examples; FUSION_EXAMPLES=5000 explores
+# afresh with random examples (run that way 3 x 5000 before this was committed).
+@settings(
+    max_examples=int(os.environ.get("FUSION_EXAMPLES", "300")),
+    deadline=None,
+    derandomize=not os.environ.get("FUSION_EXAMPLES"),
+)
 @given(config=configs(), seed=st.integers(0, 2**31 - 1), vocab=st.integers(2, 64))
 def test_closed_form_equals_iteration(config: SteeringConfig, seed: int, vocab: int) -> None:
     g = torch.Generator().manual_seed(seed)
@@ -48,15 +55,17 @@ def test_closed_form_equals_iteration(config: SteeringConfig, seed: int, vocab: 
     # The reference runs in float64: in float32 the iteration amplifies its own rounding
     # when alpha > lambda, which is noise of the reference, not a property of CoSteer.
     literal = fuse_iterative(llm, without, with_, config, dtype=torch.float64).float()
-    # Equal distributions to 1e-5 in probability. In log space, float32 resolves the
-    # steered logits (up to hundreds when w is large) only to a few ulps of their size.
-    assert torch.allclose(closed.exp(), literal.exp(), atol=1e-5, rtol=0)
+    # Equal to 1e-5, or to float32's resolution of the steered logits where that is
+    # coarser: with w in the hundreds (small lambda, large beta, long T) the logits reach
+    # thousands and float32 resolves them only to ~1e-4, in log space and in probability.
     steered = llm + steering_weight(config) * (with_ - without)
     resolution = 8 * torch.finfo(torch.float32).eps * float(steered.abs().max())
-    assert torch.allclose(closed, literal, atol=max(1e-5, resolution), rtol=1e-5)
+    tolerance = max(1e-5, resolution)
+    assert torch.allclose(closed.exp(), literal.exp(), atol=tolerance, rtol=0)
+    assert torch.allclose(closed, literal, atol=tolerance, rtol=1e-5)
 
 
-@settings(max_examples=50, deadline=None)
+@settings(max_examples=50, deadline=None, derandomize=True)
 @given(seed=st.integers(0, 2**31 - 1))
 def test_closed_form_equals_float32_iteration_at_paper_defaults(seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
