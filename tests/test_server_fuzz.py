@@ -17,6 +17,7 @@ schema = schemathesis.openapi.from_asgi("/openapi.json", APP)
 @schema.parametrize()
 @settings(
     max_examples=40,
+    derandomize=True,  # a fixed set in CI; new finds come from runs with it off
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
