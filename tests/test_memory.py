@@ -114,9 +114,13 @@ async def test_terms_in_most_records_do_not_change_the_ranking(store: SQLiteMemo
     ]
     records = await store.add("alice", texts)
     hits = await store.search("alice", "the wide", k=3)
-    assert [h.record.id for h in hits] == [records[8].id]  # "the" alone adds nothing
+    assert hits[0].record.id == records[8].id  # the one record with the rare word leads
+    assert len(hits) == 3  # records with only the common word fill up to k, after it
+    assert hits[0].score > hits[1].score
     only_common = await store.search("alice", "the", k=3)
     assert len(only_common) == 3  # a query of common words alone still answers
+    small = await store.search("alice", "the wide", k=1)
+    assert [h.record.id for h in small] == [records[8].id]
 
 
 @pytest.mark.parametrize(

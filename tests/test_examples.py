@@ -1,0 +1,52 @@
+"""Smoke tests: the examples run end to end (on tiny models, so they take seconds)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tiny import make_model
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tokenizer, tmp_path_factory):  # type: ignore[no-untyped-def]
+    dirs = []
+    for seed, name in ((1, "cloud"), (2, "local")):
+        out = tmp_path_factory.mktemp(name)
+        loaded = make_model(tokenizer, seed=seed)
+        loaded.model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        dirs.append(str(out))
+    return dirs
+
+
+def run(script: str, *args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_review_writer(model_dirs: list[str]) -> None:
+    cloud, local = model_dirs
+    out = run("review_writer.py", "--cloud", cloud, "--local", local, "--max-new-tokens", "6")
+    assert "imported 4 past reviews" in out and "CoSteer for alice" in out
+    used = int(re.search(r"records used: (\d+)", out).group(1))  # type: ignore[union-attr]
+    assert 1 <= used <= 4  # the tiny model's 512-token window may cut the oldest
+
+
+def test_edge_client(model_dirs: list[str]) -> None:
+    cloud, local = model_dirs
+    out = run("edge_client.py", "--cloud", cloud, "--local", local, "--max-new-tokens", "6")
+    assert "POST /v1/sessions" in out
+    assert "private notes sent to the cloud: []" in out
