@@ -82,9 +82,12 @@ class LocalModel:
         self._active += 1
         return opened
 
-    def release(self, branches: BranchPair) -> None:
-        """The generation that owns ``branches`` is over."""
+    def release(self) -> None:
+        """A generation opened with `open` is over."""
         self._active = max(0, self._active - 1)
+        self._wake_if_all_pending()
+
+    def _wake_if_all_pending(self) -> None:
         if self._pending and len(self._pending) >= self._active:
             self._all_pending.set()
 
@@ -94,8 +97,7 @@ class LocalModel:
             return await self.model.run(self._step, branches, token_id)
         future: asyncio.Future[torch.Tensor] = asyncio.get_running_loop().create_future()
         self._pending.append((branches, token_id, future))
-        if len(self._pending) >= self._active:
-            self._all_pending.set()
+        self._wake_if_all_pending()
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.ensure_future(self._flush())
         return await future

@@ -11,7 +11,7 @@ import asyncio
 import time
 from collections.abc import AsyncGenerator, Awaitable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -95,7 +95,7 @@ async def steer(
     session: RemoteSession | None = None
     try:
         await asyncio.wait([f for f in (remote_open, local_open) if f is not None])
-        if not remote_open.cancelled() and remote_open.exception() is None:
+        if _succeeded(remote_open):
             session = remote_open.result()[0]  # opened: close it however the rest goes
         session, cloud = remote_open.result()
         branches, local_logits = local_open.result() if local_open else (None, None)
@@ -118,16 +118,14 @@ async def steer(
                 cloud, local_logits = await asyncio.gather(remote_step, local_step)
             position += 1
     finally:
-        opened_locally = (
-            local_open is not None
-            and local_open.done()
-            and not local_open.cancelled()
-            and local_open.exception() is None
-        )
-        if local is not None and local_open is not None and opened_locally:
-            local.release(local_open.result()[0])
+        if local is not None and local_open is not None and _succeeded(local_open):
+            local.release()
         for opening in (remote_open, local_open):
             if opening is not None and not opening.done():
                 opening.cancel()
         if session is not None:
             await asyncio.shield(session.close())
+
+
+def _succeeded(future: asyncio.Future[Any]) -> bool:
+    return future.done() and not future.cancelled() and future.exception() is None
