@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from test_http import free_socket
+from test_http import free_socket, start_costeer_serve
 from tiny import make_model, make_tokenizer
 
 from costeer_sdk import PersonalLLM
@@ -51,20 +51,8 @@ def start_server(model_dir: Path, delay_s: float) -> tuple[subprocess.Popen[byte
     sock = free_socket()
     port = sock.getsockname()[1]
     sock.close()
-    cmd = [
-        sys.executable, "-m", "costeer_sdk.cli", "serve", "--model", str(model_dir),
-        "--port", str(port), "--step-delay", str(delay_s), "--max-sessions", "64",
-    ]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("costeer serve did not start")
+    options = ("--step-delay", str(delay_s), "--max-sessions", "64")
+    return start_costeer_serve(model_dir, port, *options), f"http://127.0.0.1:{port}"
 
 
 async def one_delay(delay_s: float, tokens: int, local, model_dir: Path) -> None:  # type: ignore[no-untyped-def]

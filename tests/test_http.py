@@ -255,10 +255,11 @@ async def test_api_key_session_cap_and_ttl(cloud_model: LoadedModel) -> None:
         server.stop()
 
 
-def start_costeer_serve(model_dir: Path, sock_port: int) -> subprocess.Popen[bytes]:
+def start_costeer_serve(model_dir: Path, sock_port: int, *options: str) -> subprocess.Popen[bytes]:
+    """`costeer serve` in its own process on ``sock_port``, once its /health answers."""
     cmd = [
         sys.executable, "-m", "costeer_sdk.cli", "serve", "--model", str(model_dir),
-        "--port", str(sock_port), "--step-delay", "0.05",
+        "--port", str(sock_port), *options,
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
@@ -281,7 +282,7 @@ async def test_server_killed_mid_generation_then_restarted(
     sock = free_socket()
     port = sock.getsockname()[1]
     sock.close()
-    proc = start_costeer_serve(model_dir, port)
+    proc = start_costeer_serve(model_dir, port, "--step-delay", "0.05")
     remote = SessionRemote(f"http://127.0.0.1:{port}", retries=1, backoff_s=0.01, timeout_s=5)
     llm = PersonalLLM(remote, local_model)
     pieces: list[str] = []
@@ -295,7 +296,7 @@ async def test_server_killed_mid_generation_then_restarted(
         assert isinstance(info.value.__cause__, RemoteUnavailable)
         assert len(info.value.token_ids) >= 3
         assert info.value.partial_text.startswith("".join(pieces))
-        proc = start_costeer_serve(model_dir, port)
+        proc = start_costeer_serve(model_dir, port, "--step-delay", "0.05")
         out = await llm.generate(PROMPT, context=HISTORY, max_new_tokens=8)
         assert len(out.token_ids) == 8
     finally:
