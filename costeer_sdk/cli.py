@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import logging
 import shutil
 import textwrap
@@ -25,12 +24,10 @@ DEMO_HISTORY = Path(__file__).resolve().parent.parent / "examples" / "data" / "a
 
 
 def _read_history(path: Path) -> list[str]:
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            item = json.loads(line)
-            records.append(item["text"] if isinstance(item, dict) else str(item))
-    return records
+    """Texts of a records JSONL file (``{"text": ...}`` or a bare string per line)."""
+    from costeer_sdk.memory.transfer import read_jsonl
+
+    return [item["text"] if isinstance(item, dict) else str(item) for _, item in read_jsonl(path)]
 
 
 def side_by_side(left_title: str, left: str, right_title: str, right: str) -> str:
