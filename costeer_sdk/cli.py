@@ -14,6 +14,7 @@ from typing import TextIO, TypeVar
 import click
 
 from costeer_sdk.builtins import DEFAULT_CLOUD, DEFAULT_LOCAL
+from costeer_sdk.evaluation.command import eval_command
 from costeer_sdk.fusion import SteeringConfig
 from costeer_sdk.memory import SQLiteMemoryStore
 
@@ -265,6 +266,8 @@ def memory_export(db: Path, user: str, out: TextIO) -> None:
     count = _with_store(db, lambda s: export_jsonl(s, user, out))
     click.echo(f"exported {count} records", err=True)
 
+
+main.add_command(eval_command)
 
 if __name__ == "__main__":
     main()

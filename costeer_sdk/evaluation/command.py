@@ -1,0 +1,140 @@
+"""``costeer eval``: the command-line face of the evaluation harness."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from pathlib import Path
+
+import click
+
+from costeer_sdk.builtins import DEFAULT_CLOUD, DEFAULT_LOCAL
+from costeer_sdk.fusion import SteeringConfig
+
+_DEFAULTS = SteeringConfig()
+
+
+@click.command("eval")
+@click.option(
+    "--task",
+    required=True,
+    type=click.Choice(["cogenesis", "longlamp", "longlamp-loo", "preference"]),
+    help="Dataset format and evaluation form.",
+)
+@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--limit", default=20, show_default=True, help="Examples to evaluate.")
+@click.option(
+    "--methods",
+    default="cloud,local_ctx,cloud_ctx,costeer",
+    show_default=True,
+    help="Comma-separated: cloud, local_ctx, cloud_ctx, costeer.",
+)
+@click.option("--cloud", default=DEFAULT_CLOUD, show_default=True, help="Cloud model spec.")
+@click.option("--local", "local_", default=DEFAULT_LOCAL, show_default=True)
+@click.option("--max-new-tokens", default=128, show_default=True)
+@click.option(
+    "--attribute",
+    default="concise",
+    show_default=True,
+    type=click.Choice(["concise", "creative", "uplifting", "verbose"]),
+    help="Preference task only.",
+)
+@click.option("--iterations", default=_DEFAULTS.iterations, show_default=True, help="FTRL T.")
+@click.option("--alpha", default=_DEFAULTS.alpha, show_default=True)
+@click.option("--beta", default=_DEFAULTS.beta, show_default=True, help="Steering strength.")
+@click.option("--lambda", "player_lambda", default=_DEFAULTS.player_lambda, show_default=True)
+@click.option("--eta", default=_DEFAULTS.eta, show_default=True)
+@click.option(
+    "--top-k",
+    default=20,
+    show_default=True,
+    help="Steer over the cloud's top-k tokens; 0 for the full vocabulary.",
+)
+def eval_command(
+    task: str,
+    data: Path,
+    out: Path,
+    limit: int,
+    methods: str,
+    cloud: str,
+    local_: str,
+    max_new_tokens: int,
+    attribute: str,
+    iterations: int,
+    alpha: float,
+    beta: float,
+    player_lambda: float,
+    eta: float,
+    top_k: int,
+) -> None:
+    """Evaluate methods on a task; resumable; writes generations.jsonl and results.*.
+
+    Run it again with the same --out to continue an interrupted run.
+    """
+    from tqdm.auto import tqdm
+
+    from costeer_sdk.errors import ConfigurationError
+    from costeer_sdk.evaluation.report import write_report
+    from costeer_sdk.evaluation.runner import Evaluator, RunLog, RunSettings, check_methods
+    from costeer_sdk.evaluation.tasks import make_task
+    from costeer_sdk.loading import load_model
+    from costeer_sdk.memory import SQLiteMemoryStore
+
+    try:
+        steering = SteeringConfig(iterations, alpha, beta, player_lambda, eta)
+        chosen = check_methods([m.strip() for m in methods.split(",") if m.strip()])
+        if limit < 1:
+            raise ConfigurationError("--limit must be >= 1")
+        settings = RunSettings(
+            task=task,
+            data=str(data.resolve()),
+            cloud=cloud,
+            local=local_,
+            max_new_tokens=max_new_tokens,
+            steering=steering,
+            top_k=top_k or None,
+            attribute=attribute if task == "preference" else None,
+        )
+        runlog = RunLog(out, settings)
+    except (ConfigurationError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+    async def run() -> None:
+        async with SQLiteMemoryStore(out / "memory.db") as store:
+            the_task = make_task(task, data, store=store, attribute=attribute)
+            load = getattr(the_task, "load", None)
+            if load is not None:
+                await load()
+            examples = list(itertools.islice(the_task.examples(), limit))
+            cloud_model = load_model(cloud)
+            local_model = cloud_model if local_ == cloud else load_model(local_)
+            evaluator = Evaluator(
+                the_task,
+                cloud_model,
+                local_model,
+                steering=steering,
+                top_k=settings.top_k,
+                max_new_tokens=max_new_tokens,
+            )
+            wanted = {(e.id, m) for e in examples for m in chosen}
+            with tqdm(
+                total=len(wanted), initial=len(wanted & runlog.done), desc=f"eval {task}"
+            ) as bar:
+                try:
+                    await evaluator.run(examples, chosen, runlog, on_done=lambda: bar.update())
+                finally:
+                    await evaluator.aclose()
+                    cloud_model.close()
+                    local_model.close()
+
+    started = time.perf_counter()
+    try:
+        asyncio.run(run())
+    except ConfigurationError as exc:
+        raise click.ClickException(str(exc)) from exc
+    rows = runlog.rows()
+    table = write_report(out, rows, f"{task} ({data.name}), {len(rows)} generations")
+    click.echo((out / "results.md").read_text())
+    click.echo(f"{len(table)} methods; this invocation took {time.perf_counter() - started:.0f}s")

@@ -1,0 +1,101 @@
+"""The results table (Markdown and CSV) and a bar chart, from ``generations.jsonl``."""
+
+from __future__ import annotations
+
+import csv
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from costeer_sdk.evaluation.runner import METHODS
+
+METRIC_ORDER = ("rouge1", "rougeL", "meteor", "copy8", "words", "distinct2", "uplifting")
+METRIC_TITLES = {
+    "rouge1": "ROUGE-1 F1",
+    "rougeL": "ROUGE-L F1",
+    "meteor": "METEOR",
+    "copy8": "copies 8+ history words",
+    "words": "words",
+    "distinct2": "distinct-2",
+    "uplifting": "uplifting-word share",
+}
+
+
+def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per method (in `METHODS` order): example count, errors, mean seconds and
+    the mean of every metric."""
+    table = []
+    for method in METHODS:
+        mine = [r for r in rows if r["method"] == method]
+        if not mine:
+            continue
+        line: dict[str, Any] = {
+            "method": method,
+            "n": len(mine),
+            "errors": sum("error" in r for r in mine),
+        }
+        timed = [r["elapsed_s"] for r in mine if "elapsed_s" in r]
+        line["seconds"] = statistics.fmean(timed) if timed else float("nan")
+        for metric in METRIC_ORDER:
+            values = [r["metrics"][metric] for r in mine if metric in r["metrics"]]
+            if values:
+                line[metric] = statistics.fmean(values)
+        table.append(line)
+    return table
+
+
+def _columns(table: Sequence[dict[str, Any]]) -> list[str]:
+    present = [m for m in METRIC_ORDER if any(m in line for line in table)]
+    return ["method", "n", "errors", *present, "seconds"]
+
+
+def _cell(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def write_report(out: Path, rows: Sequence[dict[str, Any]], title: str) -> list[dict[str, Any]]:
+    """Write ``results.md``, ``results.csv`` and ``results.png`` into ``out``."""
+    table = summarize(rows)
+    columns = _columns(table)
+    with (out / "results.csv").open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(table)
+    lines = [
+        f"# {title}",
+        "",
+        "| " + " | ".join(columns) + " |",
+        "|" + "|".join("---" if c == "method" else "---:" for c in columns) + "|",
+    ]
+    lines += ["| " + " | ".join(_cell(line.get(c, "")) for c in columns) + " |" for line in table]
+    lines += [
+        "",
+        "Means over examples. copy8: share of generations repeating 8+ consecutive words "
+        "of the history. seconds: mean wall time per generation.",
+    ]
+    if table and "meteor" not in columns and any("rouge1" in line for line in table):
+        lines.append("METEOR is absent: WordNet is not installed here (scripts/wordnet.sh).")
+    (out / "results.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    _chart(out / "results.png", table, [c for c in columns if c in METRIC_ORDER], title)
+    return table
+
+
+def _chart(path: Path, table: Sequence[dict[str, Any]], metrics: list[str], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    if not table or not metrics:
+        return
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.4), squeeze=False)
+    methods = [line["method"] for line in table]
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        ax.bar(methods, [line.get(metric, 0.0) for line in table], color="#4c72b0")
+        ax.set_title(METRIC_TITLES[metric], fontsize=10)
+        ax.tick_params(axis="x", labelrotation=45, labelsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,199 @@
+"""Running every method over a task's examples, resumably, one JSONL line per generation.
+
+The four methods all go through `PersonalLLM`, so what is measured is the SDK's own code
+path:
+
+* ``cloud``: the cloud model on the public prompt alone (the privacy-safe baseline);
+* ``local_ctx``: the local model alone, given the private prompt (history + query);
+* ``cloud_ctx``: the cloud model given the private prompt (the privacy-violating upper
+  reference: it is what CoSteer avoids sending);
+* ``costeer``: the cloud model steered by the local model's context delta.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from costeer_sdk.client import PersonalLLM
+from costeer_sdk.errors import ConfigurationError, GenerationInterrupted
+from costeer_sdk.evaluation.metrics import score
+from costeer_sdk.evaluation.tasks import Example, Task
+from costeer_sdk.fusion import SteeringConfig
+from costeer_sdk.local import LocalModel
+from costeer_sdk.logs import get_logger
+from costeer_sdk.remote import InProcessRemote
+from costeer_sdk.runtime import LoadedModel
+
+log = get_logger(__name__)
+
+METHODS = ("cloud", "local_ctx", "cloud_ctx", "costeer")
+GENERATIONS_FILE = "generations.jsonl"
+RUN_FILE = "run.json"
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Everything that changes what a generation is; a resumed run must match it."""
+
+    task: str
+    data: str
+    cloud: str
+    local: str
+    max_new_tokens: int
+    steering: SteeringConfig
+    top_k: int | None
+    attribute: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def check_methods(methods: Sequence[str]) -> list[str]:
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ConfigurationError(
+            f"unknown method(s) {', '.join(unknown) or '(none given)'}; choose from "
+            + ", ".join(METHODS)
+        )
+    return list(dict.fromkeys(methods))
+
+
+class RunLog:
+    """The output folder: ``run.json`` (settings) and ``generations.jsonl`` (results).
+
+    Each finished generation is appended and fsync'ed, so an interrupted run loses at
+    most the generation in progress and continues from the (example id, method) pairs
+    already written.
+    """
+
+    def __init__(self, out: Path, settings: RunSettings) -> None:
+        self.out = out
+        out.mkdir(parents=True, exist_ok=True)
+        run_file = out / RUN_FILE
+        wanted = settings.to_json()
+        if run_file.exists():
+            found = json.loads(run_file.read_text())
+            if found != json.loads(json.dumps(wanted)):
+                changed = sorted(k for k in wanted if found.get(k) != wanted[k])
+                raise ConfigurationError(
+                    f"{out} holds a run with other settings ({', '.join(changed)} differ); "
+                    "use another --out folder or delete this one"
+                )
+        else:
+            run_file.write_text(json.dumps(wanted, indent=2) + "\n")
+        self.path = out / GENERATIONS_FILE
+        self.done: set[tuple[str, str]] = set()
+        self._drop_torn_tail()
+        if self.path.exists():
+            for row in self.rows():
+                self.done.add((row["id"], row["method"]))
+
+    def _drop_torn_tail(self) -> None:
+        """Cut a last line left unfinished by a crash, so appends start on a fresh line."""
+        if not self.path.exists():
+            return
+        data = self.path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            with self.path.open("r+b") as fh:
+                fh.truncate(data.rfind(b"\n") + 1)
+            log.warning("eval.torn_line_dropped", path=str(self.path))
+
+    def rows(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        rows = []
+        with self.path.open(encoding="utf-8") as fh:
+            for line in fh:
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue  # a line cut by a crash mid-write: that generation reruns
+        return rows
+
+    def append(self, row: dict[str, Any]) -> None:
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        self.done.add((row["id"], row["method"]))
+
+
+class Evaluator:
+    """Generates with each method for one task, over an already loaded model pair."""
+
+    def __init__(
+        self,
+        task: Task,
+        cloud: LoadedModel,
+        local: LoadedModel,
+        *,
+        steering: SteeringConfig | None = None,
+        top_k: int | None = 20,
+        max_new_tokens: int = 128,
+    ) -> None:
+        self.task = task
+        self.max_new_tokens = max_new_tokens
+        template = task.template
+        self.pair = PersonalLLM(
+            InProcessRemote(cloud, top_k=top_k), LocalModel(local), steering,
+            context_template=template,
+        )  # fmt: skip
+        self.local_alone = PersonalLLM(
+            InProcessRemote(local, top_k=top_k), LocalModel(local), context_template=template
+        )
+
+    async def generate(self, example: Example, history: list[str], method: str) -> dict[str, Any]:
+        """One generation as a result row (text, finish, timings, metrics)."""
+        private_prompt = self.task.template.render(history, example.query)
+        llm, prompt, context = {
+            "cloud": (self.pair, example.query, None),
+            "costeer": (self.pair, example.query, history),
+            "cloud_ctx": (self.pair, private_prompt, None),
+            "local_ctx": (self.local_alone, private_prompt, None),
+        }[method]
+        row: dict[str, Any] = {"id": example.id, "method": method}
+        try:
+            out = await llm.generate(
+                prompt, context=context or None, max_new_tokens=self.max_new_tokens
+            )
+        except GenerationInterrupted as exc:
+            row.update(text=exc.partial_text, error=str(exc), finish_reason="error")
+        except ConfigurationError as exc:  # e.g. a prompt longer than the window
+            row.update(text="", error=str(exc), finish_reason="error")
+        else:
+            row.update(
+                text=out.text,
+                finish_reason=out.finish_reason,
+                tokens=len(out.token_ids),
+                elapsed_s=round(out.stats.elapsed_s, 3),
+                records_used=out.stats.context_records_used,
+            )
+        row["metrics"] = score(row["text"], example.reference, history)
+        return row
+
+    async def run(
+        self,
+        examples: Sequence[Example],
+        methods: Sequence[str],
+        runlog: RunLog,
+        on_done: Callable[[], None] = lambda: None,
+    ) -> None:
+        for example in examples:
+            todo = [m for m in methods if (example.id, m) not in runlog.done]
+            if not todo:
+                continue
+            history = await self.task.history(example)
+            for method in todo:
+                row = await self.generate(example, history, method)
+                runlog.append(row)
+                log.info("eval.generated", id=example.id, method=method)
+                on_done()
+
+    async def aclose(self) -> None:
+        await self.pair.remote.aclose()
+        await self.local_alone.remote.aclose()

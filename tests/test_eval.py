@@ -1,0 +1,199 @@
+"""The evaluation harness: loaders, metrics, the resumable runner and `costeer eval`."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from tiny import make_model
+
+from costeer_sdk.cli import main
+from costeer_sdk.errors import ConfigurationError
+from costeer_sdk.evaluation import (
+    CoGenesis,
+    LongLaMPLeaveOneOut,
+    Preference,
+    copies_history,
+    make_task,
+    score,
+)
+from costeer_sdk.evaluation.metrics import meteor_available
+from costeer_sdk.memory import SQLiteMemoryStore
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def cogenesis_rows(n: int) -> list[dict]:
+    rows = []
+    for i in range(n):
+        query = f"Write a note about my run number {i}."
+        rows.append(
+            {
+                "id": f"c{i}",
+                "input": query,
+                "personalized_input": "## Profile\nName: Ada. Runs every morning in the park.\n"
+                f"## Task\n{query}\n",
+                "output": f"Morning run {i} in the park was lovely.",
+            }
+        )
+    return rows
+
+
+def profile_item(i: int, topic: str) -> dict:
+    return {
+        "description": f"{topic} product number {i}",
+        "overall": "4.0",
+        "summary": f"summary {i}",
+        "reviewText": f"My review {i} of this {topic} thing: it works well for daily use {i}.",
+    }
+
+
+def longlamp_rows() -> list[dict]:
+    return [
+        {"reviewerId": "U1", "input": "q", "output": "o", "profile": [profile_item(i, "pen") for i in range(4)]},
+        {"reviewerId": "U2", "input": "q", "output": "o", "profile": [profile_item(i, "bag") for i in range(2)]},
+    ]  # fmt: skip
+
+
+def test_cogenesis_private_prompt_is_the_rows_personalized_input(tmp_path: Path) -> None:
+    rows = cogenesis_rows(2)
+    task = CoGenesis(write_jsonl(tmp_path / "c.jsonl", rows))
+    examples = list(task.examples())
+    assert [e.id for e in examples] == ["c0", "c1"]
+    for example, row in zip(examples, rows, strict=True):
+        assert example.query == row["input"]
+        rendered = task.template.render(example.history, example.query)
+        assert rendered == row["personalized_input"].rstrip()
+
+
+def test_loaders_name_the_bad_line(tmp_path: Path) -> None:
+    rows = cogenesis_rows(2)
+    del rows[1]["output"]
+    with pytest.raises(ConfigurationError, match=r"c\.jsonl:2: field 'output'"):
+        list(CoGenesis(write_jsonl(tmp_path / "c.jsonl", rows)).examples())
+    (tmp_path / "p.jsonl").write_text('{"input": "hi"}\nnot json\n')
+    with pytest.raises(ConfigurationError, match=r"p\.jsonl:2: not JSON"):
+        list(Preference(tmp_path / "p.jsonl").examples())
+    with pytest.raises(ConfigurationError, match="attribute must be one of"):
+        Preference(tmp_path / "p.jsonl", "funny")
+    with pytest.raises(ConfigurationError, match="unknown task"):
+        make_task("lamp", tmp_path / "p.jsonl")
+
+
+async def test_leave_one_out_retrieves_the_other_items_through_the_store(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "l.jsonl", longlamp_rows())
+    async with SQLiteMemoryStore(tmp_path / "m.db") as store:
+        task = LongLaMPLeaveOneOut(path, store, k=2)
+        assert await task.load() == 6
+        assert await task.load() == 0  # idempotent: a resumed run does not re-import
+        examples = list(task.examples())
+        # users interleaved so that a --limit covers both
+        assert [e.id for e in examples] == ["U1/0", "U2/0", "U1/1", "U2/1", "U1/2", "U1/3"]
+        for example in examples:
+            history = await task.history(example)
+            assert example.reference is not None
+            assert history and len(history) <= 2
+            assert all(example.reference not in h for h in history)  # the held-out item
+            topic = "pen" if example.id.startswith("U1") else "bag"
+            assert all(f"this {topic} thing" in h for h in history)  # only this user's
+            assert history[0].startswith("Product[1]: ") and "\nReview[1]: My review" in history[0]
+        assert 'overall rating of "4.0"' in examples[0].query
+
+
+def test_copy_rate_counts_eight_word_spans() -> None:
+    history = ["the quick brown fox jumps over the lazy dog today"]
+    assert copies_history("Well, THE quick brown fox jumps over the lazy dog!", history)
+    assert not copies_history("quick brown fox jumps over the lazy cat", history)  # 7 words
+    assert not copies_history("the quick brown fox jumps over the lazy dog", [])
+
+
+def test_scores() -> None:
+    same = score("Morning run in the park.", "Morning run in the park.", [])
+    assert same["rouge1"] == pytest.approx(1.0) and same["rougeL"] == pytest.approx(1.0)
+    other = score("Completely unrelated words here.", "Morning run in the park.", [])
+    assert other["rouge1"] == 0.0
+    assert ("meteor" in same) == meteor_available()
+    assert "rouge1" not in score("text", None, [])  # no reference, no ROUGE
+    assert score("a a a a", None, [])["distinct2"] == pytest.approx(1 / 3)
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tokenizer, tmp_path_factory):  # type: ignore[no-untyped-def]
+    dirs = []
+    for seed, name in ((1, "cloud"), (2, "local")):
+        out = tmp_path_factory.mktemp(name)
+        loaded = make_model(tokenizer, seed=seed)
+        loaded.model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        dirs.append(str(out))
+    return dirs
+
+
+def lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_costeer_eval_runs_resumes_and_reports(model_dirs: list[str], tmp_path: Path) -> None:
+    cloud, local = model_dirs
+    data = write_jsonl(tmp_path / "c.jsonl", cogenesis_rows(3))
+    out = tmp_path / "results"
+    args = ["eval", "--task", "cogenesis", "--data", str(data), "--out", str(out),
+            "--limit", "2", "--cloud", cloud, "--local", local, "--max-new-tokens", "4"]  # fmt: skip
+    runner = CliRunner()
+    first = runner.invoke(main, args)
+    assert first.exit_code == 0, first.output
+    rows = lines(out / "generations.jsonl")
+    assert sorted((r["id"], r["method"]) for r in rows) == sorted(
+        (i, m) for i in ("c0", "c1") for m in ("cloud", "local_ctx", "cloud_ctx", "costeer")
+    )
+    assert all(r["tokens"] >= 1 and "rouge1" in r["metrics"] for r in rows)
+    with (out / "results.csv").open() as fh:
+        table = list(csv.DictReader(fh))
+    assert [t["method"] for t in table] == ["cloud", "local_ctx", "cloud_ctx", "costeer"]
+    assert all(t["n"] == "2" for t in table)
+    assert "| costeer | 2 | 0 |" in (out / "results.md").read_text()
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # A crash mid-run: the last two generations lost, a half-written line left behind.
+    kept = (out / "generations.jsonl").read_text().splitlines()[:-2]
+    (out / "generations.jsonl").write_text("\n".join(kept) + '\n{"id": "c1", "meth')
+    again = runner.invoke(main, args)
+    assert again.exit_code == 0, again.output
+    redone = lines(out / "generations.jsonl")[len(kept) :]  # the torn line was dropped
+    assert sorted((r["id"], r["method"]) for r in redone) == sorted(
+        (r["id"], r["method"]) for r in rows[-2:]
+    )
+    # Same greedy generations as the first time: resuming changes nothing.
+    assert [r["text"] for r in redone] == [r["text"] for r in rows[-2:]]
+
+    # Nothing left to do: a third run adds no line.
+    before = (out / "generations.jsonl").read_text()
+    assert runner.invoke(main, args).exit_code == 0
+    assert (out / "generations.jsonl").read_text() == before
+
+    # Other settings into the same folder are refused, not mixed in.
+    changed = runner.invoke(main, [*args, "--beta", "2.0"])
+    assert changed.exit_code != 0 and "steering differ" in changed.output
+    bad = runner.invoke(main, [*args[:-2], "--methods", "cloud,oracle"])
+    assert bad.exit_code != 0 and "unknown method(s) oracle" in bad.output
+
+
+@pytest.mark.skipif(not (SHARED / "cogenesis.jsonl").exists(), reason="needs ../shared/data")
+async def test_shared_files_load(tmp_path: Path) -> None:
+    assert len(list(CoGenesis(SHARED / "cogenesis.jsonl").examples())) == 240
+    for name in ("helpsteer", "personal_preference_eval", "truthfulqa"):
+        assert len(list(Preference(SHARED / f"{name}.jsonl", "verbose").examples())) == 200
+    async with SQLiteMemoryStore(tmp_path / "m.db") as store:
+        task = LongLaMPLeaveOneOut(SHARED / "longlamp_review.jsonl", store)
+        await task.load()
+        examples = list(task.examples())
+        assert len(examples) >= 70  # 54 + 21 profile items, minus any without text
+        assert len(await task.history(examples[0])) == 5
