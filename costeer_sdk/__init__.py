@@ -2,7 +2,7 @@
 user, while the user's private context never leaves the device (CoSteer, arXiv 2507.04756).
 """
 
-from costeer_sdk.client import Generation, GenerationStats, PersonalLLM
+from costeer_sdk.client import Generation, GenerationStats, GenerationStream, PersonalLLM
 from costeer_sdk.context import ContextTemplate
 from costeer_sdk.errors import (
     ConfigurationError,
@@ -31,6 +31,7 @@ __all__ = [
     "Generation",
     "GenerationInterrupted",
     "GenerationStats",
+    "GenerationStream",
     "InProcessRemote",
     "LoadedModel",
     "LocalModel",

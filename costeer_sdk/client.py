@@ -9,7 +9,7 @@ from types import TracebackType
 from typing import Literal
 
 from costeer_sdk.builtins import DEFAULT_CLOUD, DEFAULT_LOCAL
-from costeer_sdk.context import ContextTemplate, PromptBuilder
+from costeer_sdk.context import ContextTemplate, Prompt, PromptBuilder, query_text
 from costeer_sdk.decoding import SamplingParams, TextAssembler, TokenChooser
 from costeer_sdk.errors import (
     ConfigurationError,
@@ -74,9 +74,33 @@ class Generation:
     stats: GenerationStats
 
 
+class GenerationStream:
+    """The text pieces of one generation as they are decided (``async for``), and then
+    the finished `Generation` in ``generation``. Closing it early (``aclose``, or
+    breaking out of the loop) ends the generation and frees its remote session."""
+
+    def __init__(self, pieces: AsyncIterator[str], request: _Request) -> None:
+        self._pieces = pieces
+        self._request = request
+
+    def __aiter__(self) -> GenerationStream:
+        return self
+
+    async def __anext__(self) -> str:
+        return await anext(self._pieces)
+
+    async def aclose(self) -> None:
+        await self._pieces.aclose()  # type: ignore[attr-defined]
+
+    @property
+    def generation(self) -> Generation | None:
+        """The finished generation; None until the stream is exhausted."""
+        return self._request.result
+
+
 @dataclass
 class _Request:
-    prompt: str
+    prompt: Prompt
     context: Sequence[str] | None
     max_new_tokens: int
     sampling: SamplingParams
@@ -207,7 +231,7 @@ class PersonalLLM:
 
     async def generate(
         self,
-        prompt: str,
+        prompt: Prompt,
         *,
         context: Sequence[str] | None = None,
         user_id: str | None = None,
@@ -218,28 +242,36 @@ class PersonalLLM:
         stop: Sequence[str] | str = (),
         steering: SteeringConfig | None = None,
     ) -> Generation:
-        """Generate a reply to ``prompt`` personalized by ``context`` (history records,
-        oldest first), or, when ``user_id`` is given and ``context`` is not, by the
-        user's profile and the ``memory_k`` records of ``memory`` most relevant to the
-        prompt. Without either this is the cloud model's own answer.
+        """Generate a reply to ``prompt`` (a user turn, or a conversation as
+        ``[{"role": ..., "content": ...}, ...]`` ending with a user turn) personalized by
+        ``context`` (history records, oldest first), or, when ``user_id`` is given and
+        ``context`` is not, by the user's profile and the ``memory_k`` records of
+        ``memory`` most relevant to the prompt. Without either this is the cloud model's own answer.
 
         Raises:
             ConfigurationError: bad arguments (a ValueError).
             GenerationInterrupted: the generation failed part-way; it carries the
                 partial text and token ids.
         """
-        context = await self._context(prompt, context, user_id)
-        request = self._request(
-            prompt, context, max_new_tokens, temperature, top_p, seed, stop, steering
+        stream = self.stream(
+            prompt,
+            context=context,
+            user_id=user_id,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            stop=stop,
+            steering=steering,
         )
-        async for _ in self._run(request):
+        async for _ in stream:
             pass
-        assert request.result is not None
-        return request.result
+        assert stream.generation is not None
+        return stream.generation
 
-    async def stream(
+    def stream(
         self,
-        prompt: str,
+        prompt: Prompt,
         *,
         context: Sequence[str] | None = None,
         user_id: str | None = None,
@@ -249,17 +281,22 @@ class PersonalLLM:
         seed: int | None = None,
         stop: Sequence[str] | str = (),
         steering: SteeringConfig | None = None,
-    ) -> AsyncIterator[str]:
-        """Like `generate`, yielding text as it is decided; the pieces join to its text."""
-        context = await self._context(prompt, context, user_id)
+    ) -> GenerationStream:
+        """Like `generate`, yielding text as it is decided; the pieces join to its text.
+        Once the stream is exhausted, its ``generation`` holds the finished `Generation`
+        (token ids, finish reason, stats)."""
         request = self._request(
             prompt, context, max_new_tokens, temperature, top_p, seed, stop, steering
         )
+        return GenerationStream(self._stream(request, user_id), request)
+
+    async def _stream(self, request: _Request, user_id: str | None) -> AsyncIterator[str]:
+        request.context = await self._context(request.prompt, request.context, user_id)
         async for piece in self._run(request):
             yield piece
 
     async def _context(
-        self, prompt: str, context: Sequence[str] | None, user_id: str | None
+        self, prompt: Prompt, context: Sequence[str] | None, user_id: str | None
     ) -> Sequence[str] | None:
         """Explicit context wins; else the user's retrieved records (oldest first, so
         truncation drops the oldest) followed by their profile."""
@@ -269,7 +306,8 @@ class PersonalLLM:
             raise ConfigurationError(
                 "user_id needs a memory store: PersonalLLM(..., memory=SQLiteMemoryStore(path))"
             )
-        hits = await self.retriever.retrieve(self.memory, user_id, prompt, self.memory_k)
+        query = query_text(prompt)
+        hits = await self.retriever.retrieve(self.memory, user_id, query, self.memory_k)
         records = sorted((hit.record for hit in hits), key=lambda r: r.created_at)
         texts = [r.text for r in records]
         profile = await self.memory.get_profile(user_id)
@@ -280,7 +318,7 @@ class PersonalLLM:
 
     def _request(
         self,
-        prompt: str,
+        prompt: Prompt,
         context: Sequence[str] | None,
         max_new_tokens: int,
         temperature: float,
@@ -289,8 +327,7 @@ class PersonalLLM:
         stop: Sequence[str] | str,
         steering: SteeringConfig | None,
     ) -> _Request:
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise ConfigurationError("prompt must be a non-empty string")
+        query_text(prompt)  # a non-empty string, or a conversation ending with a user turn
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
             raise ConfigurationError(f"max_new_tokens must be an int, got {max_new_tokens!r}")
         if max_new_tokens <= 0:

@@ -57,10 +57,16 @@ def profile_item(i: int, topic: str) -> dict:
 
 
 def longlamp_rows() -> list[dict]:
+    users = (("U1", "pen", 4), ("U2", "bag", 2))
     return [
-        {"reviewerId": "U1", "input": "q", "output": "o", "profile": [profile_item(i, "pen") for i in range(4)]},
-        {"reviewerId": "U2", "input": "q", "output": "o", "profile": [profile_item(i, "bag") for i in range(2)]},
-    ]  # fmt: skip
+        {
+            "reviewerId": u,
+            "input": "q",
+            "output": "o",
+            "profile": [profile_item(i, t) for i in range(n)],
+        }
+        for u, t, n in users
+    ]
 
 
 def test_cogenesis_private_prompt_is_the_rows_personalized_input(tmp_path: Path) -> None:
@@ -113,6 +119,11 @@ def test_copy_rate_counts_eight_word_spans() -> None:
     assert copies_history("Well, THE quick brown fox jumps over the lazy dog!", history)
     assert not copies_history("quick brown fox jumps over the lazy cat", history)  # 7 words
     assert not copies_history("the quick brown fox jumps over the lazy dog", [])
+    # Words the public prompt also holds are the question, not the history.
+    prompt = "Tell me: the quick brown fox jumps over the lazy dog?"
+    assert not copies_history(
+        "The quick brown fox jumps over the lazy dog.", history, prompt=prompt
+    )
 
 
 def test_scores() -> None:
@@ -145,8 +156,8 @@ def test_costeer_eval_runs_resumes_and_reports(model_dirs: list[str], tmp_path: 
     cloud, local = model_dirs
     data = write_jsonl(tmp_path / "c.jsonl", cogenesis_rows(3))
     out = tmp_path / "results"
-    args = ["eval", "--task", "cogenesis", "--data", str(data), "--out", str(out),
-            "--limit", "2", "--cloud", cloud, "--local", local, "--max-new-tokens", "4"]  # fmt: skip
+    args = ["eval", "--task", "cogenesis", "--data", str(data), "--out", str(out), "--limit", "2",
+            "--cloud", cloud, "--local", local, "--max-new-tokens", "4"]  # fmt: skip
     runner = CliRunner()
     first = runner.invoke(main, args)
     assert first.exit_code == 0, first.output

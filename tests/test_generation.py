@@ -137,6 +137,58 @@ async def test_stream_pieces_join_to_the_generated_text(llm: PersonalLLM) -> Non
     assert stop not in "".join(pieces)
 
 
+async def test_a_finished_stream_holds_its_generation(llm: PersonalLLM) -> None:
+    stream = llm.stream(PROMPT, context=HISTORY, max_new_tokens=12)
+    assert stream.generation is None
+    text = "".join([piece async for piece in stream])
+    out = await llm.generate(PROMPT, context=HISTORY, max_new_tokens=12)
+    assert stream.generation is not None and stream.generation.text == text == out.text
+    assert stream.generation.token_ids == out.token_ids and stream.generation.steered
+
+
+CONVERSATION = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "My name is Ada."},
+    {"role": "assistant", "content": "Hello Ada."},
+    {"role": "user", "content": PROMPT},
+]
+
+
+async def test_conversations_carry_the_context_in_the_last_user_turn_only(
+    llm: PersonalLLM, tokenizer
+) -> None:  # type: ignore[no-untyped-def]
+    builder = PromptBuilder(tokenizer)
+    prompts = builder.build(CONVERSATION, HISTORY, 400)
+    assert prompts.public_ids == builder.encode(CONVERSATION)
+    private = [
+        *CONVERSATION[:-1],
+        {"role": "user", "content": builder.template.render(HISTORY, PROMPT)},
+    ]
+    assert prompts.private_ids == builder.encode(private)
+    out = await llm.generate(CONVERSATION, context=HISTORY, max_new_tokens=8)
+    plain = await llm.generate(CONVERSATION, max_new_tokens=8)
+    assert out.steered and not plain.steered
+    assert out.stats.prompt_tokens == len(prompts.public_ids)
+    # the earlier turns reach the cloud; a conversation differs from its last turn alone
+    assert out.stats.prompt_tokens > len(builder.encode(PROMPT))
+
+
+@pytest.mark.parametrize(
+    ("prompt", "message"),
+    [
+        ([], "non-empty string or a list of messages"),
+        ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], "end with"),
+        ([{"role": "robot", "content": "hi"}], "message 0 must be"),
+        ([{"role": "user", "content": 3}], "message 0 must be"),
+    ],
+)
+async def test_bad_conversations_are_value_errors(
+    llm: PersonalLLM, prompt: object, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        await llm.generate(prompt, max_new_tokens=4)  # type: ignore[arg-type]
+
+
 async def test_eos_of_the_chat_format_ends_generation(
     cloud_model: LoadedModel, local_model: LoadedModel
 ) -> None:

@@ -43,14 +43,21 @@ def words(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 
 
-def copies_history(text: str, history: Sequence[str], span: int = COPY_SPAN_WORDS) -> bool:
-    """Whether ``text`` repeats ``span`` or more consecutive words of any history record."""
+def _spans(text: str, span: int) -> set[tuple[str, ...]]:
+    tokens = words(text)
+    return {tuple(tokens[i : i + span]) for i in range(len(tokens) - span + 1)}
+
+
+def copies_history(
+    text: str, history: Sequence[str], span: int = COPY_SPAN_WORDS, *, prompt: str = ""
+) -> bool:
+    """Whether ``text`` repeats ``span`` or more consecutive words of a history record
+    that are not also in the public ``prompt`` (repeating the question is not parroting
+    the history)."""
     seen: set[tuple[str, ...]] = set()
     for record in history:
-        tokens = words(record)
-        seen.update(tuple(tokens[i : i + span]) for i in range(len(tokens) - span + 1))
-    tokens = words(text)
-    return any(tuple(tokens[i : i + span]) in seen for i in range(len(tokens) - span + 1))
+        seen |= _spans(record, span)
+    return bool((_spans(text, span) & seen) - _spans(prompt, span))
 
 
 def distinct_2(text: str) -> float:
@@ -99,11 +106,13 @@ def meteor_available() -> bool:
     return _wordnet() is not None
 
 
-def score(text: str, reference: str | None, history: Sequence[str]) -> dict[str, float]:
+def score(
+    text: str, reference: str | None, history: Sequence[str], prompt: str = ""
+) -> dict[str, float]:
     """Every metric that applies: ROUGE-1/L F1 and METEOR need a reference."""
     result: dict[str, float] = {
         "words": float(len(words(text))),
-        "copy8": float(copies_history(text, history)),
+        "copy8": float(copies_history(text, history, prompt=prompt)),
         "distinct2": distinct_2(text),
         "uplifting": uplifting_share(text),
     }

@@ -173,7 +173,7 @@ class Evaluator:
                 elapsed_s=round(out.stats.elapsed_s, 3),
                 records_used=out.stats.context_records_used,
             )
-        row["metrics"] = score(row["text"], example.reference, history)
+        row["metrics"] = score(row["text"], example.reference, history, example.query)
         return row
 
     async def run(
