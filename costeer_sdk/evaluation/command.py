@@ -11,6 +11,7 @@ import click
 
 from costeer_sdk.builtins import DEFAULT_CLOUD, DEFAULT_LOCAL
 from costeer_sdk.fusion import SteeringConfig
+from costeer_sdk.remote import Remote
 
 _DEFAULTS = SteeringConfig()
 
@@ -33,6 +34,19 @@ _DEFAULTS = SteeringConfig()
 )
 @click.option("--cloud", default=DEFAULT_CLOUD, show_default=True, help="Cloud model spec.")
 @click.option("--local", "local_", default=DEFAULT_LOCAL, show_default=True)
+@click.option(
+    "--cloud-url",
+    default=None,
+    help="Serve the cloud side from this server instead of in-process (it must serve "
+    "--cloud's weights; its tokenizer is the local model's).",
+)
+@click.option(
+    "--cloud-api",
+    type=click.Choice(["llama.cpp", "openai", "costeer"]),
+    default="llama.cpp",
+    show_default=True,
+    help="Protocol of --cloud-url: llama-server, vLLM-style /v1/completions, costeer serve.",
+)
 @click.option("--max-new-tokens", default=128, show_default=True)
 @click.option(
     "--attribute",
@@ -60,6 +74,8 @@ def eval_command(
     methods: str,
     cloud: str,
     local_: str,
+    cloud_url: str | None,
+    cloud_api: str,
     max_new_tokens: int,
     attribute: str,
     iterations: int,
@@ -81,6 +97,7 @@ def eval_command(
     from costeer_sdk.evaluation.tasks import make_task
     from costeer_sdk.loading import load_model
     from costeer_sdk.memory import SQLiteMemoryStore
+    from costeer_sdk.runtime import LoadedModel
 
     try:
         steering = SteeringConfig(iterations, alpha, beta, player_lambda, eta)
@@ -96,6 +113,7 @@ def eval_command(
             steering=steering,
             top_k=top_k or None,
             attribute=attribute if task == "preference" else None,
+            cloud_url=cloud_url,
         )
         runlog = RunLog(out, settings)
     except (ConfigurationError, ValueError) as exc:
@@ -108,8 +126,14 @@ def eval_command(
             if load is not None:
                 await load()
             examples = list(itertools.islice(the_task.examples(), limit))
-            cloud_model = load_model(cloud)
-            local_model = cloud_model if local_ == cloud else load_model(local_)
+            local_model = load_model(local_)
+            cloud_model = (
+                _remote(cloud_url, cloud_api, cloud, settings.top_k)
+                if cloud_url
+                else local_model
+                if local_ == cloud
+                else load_model(cloud)
+            )
             evaluator = Evaluator(
                 the_task,
                 cloud_model,
@@ -126,8 +150,9 @@ def eval_command(
                     await evaluator.run(examples, chosen, runlog, on_done=lambda: bar.update())
                 finally:
                     await evaluator.aclose()
-                    cloud_model.close()
                     local_model.close()
+                    if isinstance(cloud_model, LoadedModel):
+                        cloud_model.close()
 
     started = time.perf_counter()
     try:
@@ -138,3 +163,16 @@ def eval_command(
     table = write_report(out, rows, f"{task} ({data.name}), {len(rows)} generations")
     click.echo((out / "results.md").read_text())
     click.echo(f"{len(table)} methods; this invocation took {time.perf_counter() - started:.0f}s")
+
+
+def _remote(url: str, api: str, model: str, top_k: int | None) -> Remote:
+    """The cloud side as a network remote."""
+    if api == "costeer":
+        from costeer_sdk.http_remote import SessionRemote
+
+        return SessionRemote(url, top_k=top_k)
+    from costeer_sdk.openai_remote import OpenAICompatibleRemote
+
+    return OpenAICompatibleRemote(
+        url, model, top_k=top_k or 20, dialect="llama.cpp" if api == "llama.cpp" else "completions"
+    )

@@ -8,6 +8,9 @@ path:
 * ``cloud_ctx``: the cloud model given the private prompt (the privacy-violating upper
   reference: it is what CoSteer avoids sending);
 * ``costeer``: the cloud model steered by the local model's context delta.
+
+The cloud side is the in-process model by default, or any `Remote` (a llama.cpp or vLLM
+server serving the same weights runs the cloud methods many times faster on a CPU).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from costeer_sdk.evaluation.tasks import Example, Task
 from costeer_sdk.fusion import SteeringConfig
 from costeer_sdk.local import LocalModel
 from costeer_sdk.logs import get_logger
-from costeer_sdk.remote import InProcessRemote
+from costeer_sdk.remote import InProcessRemote, Remote
 from costeer_sdk.runtime import LoadedModel
 
 log = get_logger(__name__)
@@ -48,6 +51,7 @@ class RunSettings:
     steering: SteeringConfig
     top_k: int | None
     attribute: str | None = None
+    cloud_url: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -129,7 +133,7 @@ class Evaluator:
     def __init__(
         self,
         task: Task,
-        cloud: LoadedModel,
+        cloud: LoadedModel | Remote,
         local: LoadedModel,
         *,
         steering: SteeringConfig | None = None,
@@ -139,10 +143,8 @@ class Evaluator:
         self.task = task
         self.max_new_tokens = max_new_tokens
         template = task.template
-        self.pair = PersonalLLM(
-            InProcessRemote(cloud, top_k=top_k), LocalModel(local), steering,
-            context_template=template,
-        )  # fmt: skip
+        remote = InProcessRemote(cloud, top_k=top_k) if isinstance(cloud, LoadedModel) else cloud
+        self.pair = PersonalLLM(remote, LocalModel(local), steering, context_template=template)
         self.local_alone = PersonalLLM(
             InProcessRemote(local, top_k=top_k), LocalModel(local), context_template=template
         )
