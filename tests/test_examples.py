@@ -50,3 +50,23 @@ def test_edge_client(model_dirs: list[str]) -> None:
     out = run("edge_client.py", "--cloud", cloud, "--local", local, "--max-new-tokens", "6")
     assert "POST /v1/sessions" in out
     assert "private notes sent to the cloud: []" in out
+
+
+def test_email_reply_chain(model_dirs: list[str]) -> None:
+    cloud, local = model_dirs
+    out = run("email_reply_chain.py", "--cloud", cloud, "--local", local, "--max-new-tokens", "6")
+    assert "steered by 3 past emails" in out
+    assert int(re.search(r"\((\d+) streamed pieces\)", out).group(1)) >= 1  # type: ignore[union-attr]
+
+
+def test_assistant_remembers_across_sessions(model_dirs: list[str], tmp_path: Path) -> None:
+    cloud, local = model_dirs
+    common = ["--db", str(tmp_path / "memory.db"), "--cloud", cloud, "--local", local,
+              "--max-new-tokens", "4"]  # fmt: skip
+    first = run("assistant.py", *common, "--say", "My dog is called Pixel.", "--say", "Hi!")
+    assert "0 memories of 'me'" in first and "2 memories of 'me' saved" in first
+    assert "[memories used: 0]" in first  # the first turn had nothing to recall
+    second = run("assistant.py", *common, "--say", "Write a birthday note for my dog.")
+    assert "2 memories of 'me' in" in second
+    used = int(re.search(r"\[memories used: (\d+)\]", second).group(1))  # type: ignore[union-attr]
+    assert used >= 1  # the dog's name, remembered from the earlier session
