@@ -183,7 +183,9 @@ def fuse_top_k(
     Args:
         top_ids: ``[batch, k]`` token ids of the cloud's top-k.
         top_logprobs: ``[batch, k]`` their cloud log-probs (any per-row constant offset).
-        slm_without_logits, slm_with_logits: full-vocabulary local logits ``[batch, vocab]``.
+        slm_without_logits: full-vocabulary local logits ``[batch, vocab]``, no context.
+        slm_with_logits: the same with the personal context.
+        config: hyperparameters; the paper's defaults when omitted.
 
     Returns:
         float32 log-probs ``[batch, k]`` over ``top_ids``.

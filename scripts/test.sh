@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Set up, then lint, type-check and run the whole test suite (real-model tests included).
+# Set up, then lint, type-check, run the whole test suite (real-model tests and the
+# LangChain standard suites included) and build the docs strictly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
-ruff check costeer_sdk tests bench examples
-ruff format --check costeer_sdk tests bench examples
+ruff check .
+ruff format --check .
 mypy
+mypy integrations/langchain-costeer/langchain_costeer
 HF_HUB_OFFLINE=1 python -m pytest -ra "$@"
+NO_MKDOCS_2_WARNING=1 mkdocs build --strict --site-dir "$(mktemp -d)"

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,6 +13,8 @@ from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[4] / "tests"))  # the SDK's tiny models
 from tiny import make_model, make_tokenizer
 
 from costeer_sdk import InProcessRemote, PersonalLLM
