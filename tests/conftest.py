@@ -27,6 +27,20 @@ def local_model(tokenizer) -> LoadedModel:
     return make_model(tokenizer, seed=2, name="tiny-local")
 
 
+@pytest.fixture(scope="session")
+def model_dirs(tokenizer, tmp_path_factory) -> list[str]:  # type: ignore[no-untyped-def]
+    """Two tiny models saved as model directories (cloud, local): for code that takes
+    model specs, such as the examples and `costeer eval`."""
+    dirs = []
+    for seed, name in ((1, "cloud"), (2, "local")):
+        out = tmp_path_factory.mktemp(name)
+        loaded = make_model(tokenizer, seed=seed)
+        loaded.model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        dirs.append(str(out))
+    return dirs
+
+
 @pytest.fixture
 def llm(cloud_model, local_model) -> PersonalLLM:
     return PersonalLLM(InProcessRemote(cloud_model), local_model)

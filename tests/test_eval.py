@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from tiny import make_model
 
 from costeer_sdk.cli import main
 from costeer_sdk.errors import ConfigurationError
@@ -134,18 +133,6 @@ def test_scores() -> None:
     assert ("meteor" in same) == meteor_available()
     assert "rouge1" not in score("text", None, [])  # no reference, no ROUGE
     assert score("a a a a", None, [])["distinct2"] == pytest.approx(1 / 3)
-
-
-@pytest.fixture(scope="module")
-def model_dirs(tokenizer, tmp_path_factory):  # type: ignore[no-untyped-def]
-    dirs = []
-    for seed, name in ((1, "cloud"), (2, "local")):
-        out = tmp_path_factory.mktemp(name)
-        loaded = make_model(tokenizer, seed=seed)
-        loaded.model.save_pretrained(out)
-        tokenizer.save_pretrained(out)
-        dirs.append(str(out))
-    return dirs
 
 
 def lines(path: Path) -> list[dict]:

@@ -7,22 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-from tiny import make_model
-
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def model_dirs(tokenizer, tmp_path_factory):  # type: ignore[no-untyped-def]
-    dirs = []
-    for seed, name in ((1, "cloud"), (2, "local")):
-        out = tmp_path_factory.mktemp(name)
-        loaded = make_model(tokenizer, seed=seed)
-        loaded.model.save_pretrained(out)
-        tokenizer.save_pretrained(out)
-        dirs.append(str(out))
-    return dirs
 
 
 def run(script: str, *args: str) -> str:
