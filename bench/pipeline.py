@@ -4,9 +4,14 @@
 
 The cloud is `costeer serve` on loopback, in its own process (a small random Qwen2
 model plus an injected per-step delay standing in for network and cloud compute);
-the local side is a random
-Qwen2 model sized to take tens of milliseconds per two-branch step on 2 CPU cores.
-Everything runs in one process and one run, so the numbers are side by side.
+the local side is a random Qwen2 model sized to take tens of milliseconds per
+two-branch step. The client runs in this process; all numbers come from one run, side
+by side.
+
+The cloud is meant to be another machine, so by default the server is pinned to half
+of this machine's cores and the client to the other half (``--shared-cores`` lets both
+use all of them: then the two sides compete for the same cores and overlapping them
+cannot help).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -21,6 +27,7 @@ import time
 from pathlib import Path
 
 import httpx
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from test_http import free_socket, start_costeer_serve
@@ -46,17 +53,33 @@ class Counting(httpx.AsyncBaseTransport):
         return response
 
 
-def start_server(model_dir: Path, delay_s: float) -> tuple[subprocess.Popen[bytes], str]:
+def start_server(
+    model_dir: Path, delay_s: float, cores: set[int] | None
+) -> tuple[subprocess.Popen[bytes], str]:
     """`costeer serve` in its own process, as a cloud would be."""
     sock = free_socket()
     port = sock.getsockname()[1]
     sock.close()
     options = ("--step-delay", str(delay_s), "--max-sessions", "64")
-    return start_costeer_serve(model_dir, port, *options), f"http://127.0.0.1:{port}"
+    proc = start_costeer_serve(model_dir, port, *options, cores=cores)
+    return proc, f"http://127.0.0.1:{port}"
 
 
-async def one_delay(delay_s: float, tokens: int, local, model_dir: Path) -> None:  # type: ignore[no-untyped-def]
-    proc, url = start_server(model_dir, delay_s)
+def split_cores() -> set[int]:
+    """Pin this process to the upper half of its CPUs; return the lower half."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        raise SystemExit("splitting cores needs 2 or more CPUs; use --shared-cores")
+    server, client = set(cores[: len(cores) // 2]), set(cores[len(cores) // 2 :])
+    os.sched_setaffinity(0, client)
+    torch.set_num_threads(len(client))
+    return server
+
+
+async def one_delay(  # type: ignore[no-untyped-def]
+    delay_s: float, tokens: int, local, model_dir: Path, server_cores: set[int] | None
+) -> None:
+    proc, url = start_server(model_dir, delay_s, server_cores)
     try:
         rows = {}
         for pipelined in (False, True):
@@ -104,11 +127,20 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--delays", type=float, nargs="+", default=[0, 20, 80])
+    parser.add_argument(
+        "--shared-cores", action="store_true", help="server and client share all cores"
+    )
     args = parser.parse_args()
+    server_cores = None if args.shared_cores else split_cores()
     tokenizer = make_tokenizer()
     cloud = make_model(tokenizer, seed=1, hidden=64, layers=2, name="bench-cloud")
     local = make_model(tokenizer, seed=2, hidden=512, layers=8, name="bench-local")
-    print(json.dumps({"tokens": args.tokens, "local": "qwen2 random 512x8", "top_k": 20}))
+    cores = {"server": sorted(server_cores or []), "client": sorted(os.sched_getaffinity(0))}
+    print(
+        json.dumps(
+            {"tokens": args.tokens, "local": "qwen2 random 512x8", "top_k": 20, "cores": cores}
+        )
+    )
     scratch = tempfile.TemporaryDirectory()
     model_dir = Path(scratch.name) / "cloud"
     cloud.model.save_pretrained(model_dir)
@@ -118,7 +150,7 @@ async def main() -> None:
         f"{'/max':>8} {'/sum':>8} {'B out':>7} {'B in':>7}"
     )
     for delay in args.delays:
-        await one_delay(delay / 1e3, args.tokens, local, model_dir)
+        await one_delay(delay / 1e3, args.tokens, local, model_dir, server_cores)
 
 
 if __name__ == "__main__":

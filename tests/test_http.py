@@ -255,13 +255,25 @@ async def test_api_key_session_cap_and_ttl(cloud_model: LoadedModel) -> None:
         server.stop()
 
 
-def start_costeer_serve(model_dir: Path, sock_port: int, *options: str) -> subprocess.Popen[bytes]:
-    """`costeer serve` in its own process on ``sock_port``, once its /health answers."""
+def start_costeer_serve(
+    model_dir: Path, sock_port: int, *options: str, cores: set[int] | None = None
+) -> subprocess.Popen[bytes]:
+    """`costeer serve` in its own process on ``sock_port``, once its /health answers.
+
+    ``cores``: pin the server to these CPUs (and as many torch threads), as if it ran on
+    a machine of its own."""
     cmd = [
         sys.executable, "-m", "costeer_sdk.cli", "serve", "--model", str(model_dir),
         "--port", str(sock_port), *options,
     ]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = dict(os.environ, OMP_NUM_THREADS=str(len(cores))) if cores else None
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None,
+    )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
