@@ -3,8 +3,9 @@
 Both branches advance by the same chosen token each step, so they are kept as one
 left-padded batch of two and computed in a single forward pass. Steps of concurrent
 generations that arrive while a pass is running are batched into the next pass: their
-caches are left-padded to a common length, run as one batch, and split back. Every
-pass runs on the model's worker thread (`LoadedModel.run`), never on the event loop.
+caches are merged into one left-padded batch, which stays merged while the same
+generations keep stepping together and is split up when that set changes. Every pass
+runs on the model's worker thread (`LoadedModel.run`), never on the event loop.
 """
 
 from __future__ import annotations
@@ -21,18 +22,43 @@ from transformers import DynamicCache, PreTrainedTokenizerBase
 from costeer_sdk.runtime import LoadedModel
 
 
-@dataclass
+@dataclass(eq=False)
 class BranchPair:
-    """KV cache and masks of one generation's two local branches (row 0: with context)."""
+    """KV cache and masks of one generation's two local branches (row 0: with context).
+
+    While the pair steps together with other generations its rows live in their shared
+    `_Batch`, and ``cache``, ``attention_mask`` and ``next_positions`` are stale until
+    the batch is split up again."""
 
     cache: DynamicCache
     attention_mask: torch.Tensor  # [2, length], 0 on left padding
     next_positions: torch.Tensor  # [2, 1], position id of the next token per branch
+    batch: _Batch | None = None
+
+
+@dataclass(eq=False)
+class _Batch:
+    """Several generations' branch pairs merged into one left-padded cache (member i in
+    rows 2i and 2i+1). It stays merged from pass to pass while the same generations
+    step together, so a steady batch costs no copying beyond the cache's own growth."""
+
+    members: list[BranchPair]
+    pads: list[int]  # left padding of each member's rows
+    cache: DynamicCache
+    attention_mask: torch.Tensor  # [2 * members, width]
+    next_positions: torch.Tensor  # [2 * members, 1]
 
 
 def _key_values(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     layers: list[Any] = list(cache.layers)
     return [(layer.keys, layer.values) for layer in layers]
+
+
+def _cache_of(layers: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+    cache = DynamicCache()
+    for index, (keys, values) in enumerate(layers):
+        cache.update(keys, values, index)
+    return cache
 
 
 def _mergeable(cache: DynamicCache) -> bool:
@@ -41,6 +67,40 @@ def _mergeable(cache: DynamicCache) -> bool:
         type(layer).__name__ == "DynamicLayer" and getattr(layer, "keys", None) is not None
         for layer in cache.layers
     )
+
+
+def _merge(pairs: list[BranchPair]) -> _Batch:
+    """One left-padded batch of the pairs' own caches (each copied once)."""
+    width = max(b.attention_mask.shape[-1] for b in pairs)
+    pads = [width - b.attention_mask.shape[-1] for b in pairs]
+    padded = zip(pairs, pads, strict=True)
+    mask = torch.cat([torch.nn.functional.pad(b.attention_mask, (pad, 0)) for b, pad in padded])
+    layers = []
+    for per_pair in zip(*(_key_values(b.cache) for b in pairs), strict=True):
+        merged = []
+        for which in (0, 1):  # keys, values
+            first = per_pair[0][which]
+            out = first.new_zeros((2 * len(pairs), first.shape[1], width, first.shape[3]))
+            for row, (kv, pad) in enumerate(zip(per_pair, pads, strict=True)):
+                out[2 * row : 2 * row + 2, :, pad:] = kv[which]
+            merged.append(out)
+        layers.append((merged[0], merged[1]))
+    positions = torch.cat([b.next_positions for b in pairs])
+    batch = _Batch(pairs, pads, _cache_of(layers), mask, positions)
+    for b in pairs:
+        b.batch = batch
+    return batch
+
+
+def _split(batch: _Batch) -> None:
+    """Give every member its own cache, mask and positions back; the batch is gone."""
+    layers = _key_values(batch.cache)
+    for row, (b, pad) in enumerate(zip(batch.members, batch.pads, strict=True)):
+        rows = slice(2 * row, 2 * row + 2)
+        b.cache = _cache_of([(k[rows, :, pad:], v[rows, :, pad:]) for k, v in layers])
+        b.attention_mask = batch.attention_mask[rows, pad:]
+        b.next_positions = batch.next_positions[rows]
+        b.batch = None
 
 
 class LocalModel:
@@ -124,45 +184,22 @@ class LocalModel:
                     future.set_result(logits)
 
     def _step_many(self, items: list[tuple[BranchPair, int]]) -> list[torch.Tensor]:
-        if len(items) == 1 or not all(_mergeable(b.cache) for b, _ in items):
+        pairs = [b for b, _ in items]
+        if len(items) == 1 or not all(b.batch or _mergeable(b.cache) for b in pairs):
             return [self._step(b, t) for b, t in items]
+        batch = pairs[0].batch
+        if batch is None or batch.members != pairs:  # who steps together changed
+            for b in pairs:
+                if b.batch is not None:
+                    _split(b.batch)
+            batch = _merge(pairs)
         device = self.model.device
-        width = max(b.attention_mask.shape[-1] for b, _ in items)
-        masks = [
-            torch.nn.functional.pad(b.attention_mask, (width - b.attention_mask.shape[-1], 0))
-            for b, _ in items
-        ]
-        mask = torch.cat(masks, dim=0)
-        mask = torch.cat(
-            [mask, torch.ones((mask.shape[0], 1), dtype=mask.dtype, device=device)], -1
-        )
-        per_item = [_key_values(b.cache) for b, _ in items]
-        merged = DynamicCache()
-        for index in range(len(per_item[0])):
-            keys, values = [], []
-            for layers in per_item:
-                k, v = layers[index]
-                pad = width - k.shape[-2]
-                keys.append(torch.nn.functional.pad(k, (0, 0, pad, 0)))
-                values.append(torch.nn.functional.pad(v, (0, 0, pad, 0)))
-            merged.update(torch.cat(keys), torch.cat(values), index)
         ids = torch.tensor([[t] for _, t in items for _ in range(2)], device=device)
-        positions = torch.cat([b.next_positions for b, _ in items])
-        logits = self._forward(ids, mask, positions, merged)
-        results = []
-        for row, (b, _) in enumerate(items):
-            rows = slice(2 * row, 2 * row + 2)
-            keep = b.attention_mask.shape[-1] + 1
-            split = DynamicCache()
-            for index, (k, v) in enumerate(_key_values(merged)):
-                split.update(
-                    k[rows, :, -keep:].contiguous(), v[rows, :, -keep:].contiguous(), index
-                )
-            b.cache = split
-            b.attention_mask = mask[rows, -keep:]
-            b.next_positions = b.next_positions + 1
-            results.append(logits[rows])
-        return results
+        ones = torch.ones((2 * len(items), 1), dtype=batch.attention_mask.dtype, device=device)
+        batch.attention_mask = torch.cat([batch.attention_mask, ones], dim=-1)
+        logits = self._forward(ids, batch.attention_mask, batch.next_positions, batch.cache)
+        batch.next_positions = batch.next_positions + 1
+        return [logits[2 * row : 2 * row + 2] for row in range(len(items))]
 
     def _forward(
         self,
@@ -200,6 +237,8 @@ class LocalModel:
         return branches, logits
 
     def _step(self, branches: BranchPair, token_id: int) -> torch.Tensor:
+        if branches.batch is not None:  # it stepped with others until now
+            _split(branches.batch)
         device = self.model.device
         ids = torch.full((2, 1), token_id, dtype=torch.long, device=device)
         branches.attention_mask = torch.cat(

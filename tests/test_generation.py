@@ -390,15 +390,21 @@ async def test_async_context_manager(cloud_model: LoadedModel, local_model: Load
 
 
 class CountingLocal(LocalModel):
-    """Records how many generations each local pass served."""
+    """Records how many generations each local pass served, and how many passes had to
+    merge caches (the set of generations stepping together changed)."""
 
     def __init__(self, model: LoadedModel) -> None:
         super().__init__(model)
         self.batch_sizes: list[int] = []
+        self.merges = 0
 
     def _step_many(self, items):  # type: ignore[no-untyped-def]
         self.batch_sizes.append(len(items))
-        return super()._step_many(items)
+        before = [b.batch for b, _ in items]
+        out = super()._step_many(items)
+        after = [b.batch for b, _ in items]
+        self.merges += len(items) > 1 and (before != after or before[0] is None)
+        return out
 
 
 async def test_concurrent_generations_share_local_passes_and_match_solo_runs(
@@ -422,3 +428,33 @@ async def test_concurrent_generations_share_local_passes_and_match_solo_runs(
     )
     assert [g.token_ids for g in together] == [g.token_ids for g in solo]
     assert max(local.batch_sizes) >= 2, local.batch_sizes
+
+
+async def test_generations_leaving_and_joining_a_batch_match_solo_runs(
+    cloud_model: LoadedModel, local_model: LoadedModel
+) -> None:
+    """Generations of different lengths, started at different times: the batch is split
+    and re-merged as they come and go, and every one still equals its solo run."""
+    contexts = [HISTORY, HISTORY[:1], [*HISTORY, "Trail runs every Sunday."] * 3, HISTORY[1:]]
+    lengths = [16, 4, 10, 16]
+    starts = [0, 0, 3, 6]  # steps of the first generation to wait before starting
+
+    def run(llm: PersonalLLM, index: int):  # type: ignore[no-untyped-def]
+        return llm.generate(PROMPT, context=contexts[index], max_new_tokens=lengths[index])
+
+    solo_llm = PersonalLLM(InProcessRemote(cloud_model), local_model)
+    solo = [await run(solo_llm, i) for i in range(4)]
+    local = CountingLocal(local_model)
+    llm = PersonalLLM(InProcessRemote(cloud_model), local)
+
+    async def delayed(index: int):  # type: ignore[no-untyped-def]
+        while len(local.batch_sizes) < starts[index]:
+            await asyncio.sleep(0.001)
+        return await run(llm, index)
+
+    together = await asyncio.gather(*(delayed(i) for i in range(4)))
+    assert [g.token_ids for g in together] == [g.token_ids for g in solo]
+    batched = [n for n in local.batch_sizes if n > 1]
+    assert len(batched) >= 6, local.batch_sizes
+    print(local.merges, local.batch_sizes)
+    assert 2 <= local.merges < len(batched), (local.merges, local.batch_sizes)
