@@ -456,5 +456,4 @@ async def test_generations_leaving_and_joining_a_batch_match_solo_runs(
     assert [g.token_ids for g in together] == [g.token_ids for g in solo]
     batched = [n for n in local.batch_sizes if n > 1]
     assert len(batched) >= 6, local.batch_sizes
-    print(local.merges, local.batch_sizes)
     assert 2 <= local.merges < len(batched), (local.merges, local.batch_sizes)
