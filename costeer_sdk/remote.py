@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
-from transformers import DynamicCache
 
+from costeer_sdk.batching import KVState, StepBatcher
 from costeer_sdk.errors import ConfigurationError, RemoteProtocolError
 from costeer_sdk.runtime import LoadedModel
 
@@ -84,17 +84,30 @@ class Remote(Protocol):
 class InProcessRemote:
     """Serves a transformers model in this process: the embedded default cloud side.
 
+    Steps of concurrent sessions share forward passes (`batching.StepBatcher`), so
+    `costeer serve` answers many clients at once for little more than one.
+
     Args:
         model: the loaded cloud model.
         top_k: return only the top-k log-probs (as a network remote would), or None for
             the full distribution.
+        batch_sessions: share forward passes between concurrent sessions.
+        batch_window_s: how long a pass may wait for the sessions of the last pass.
     """
 
-    def __init__(self, model: LoadedModel, *, top_k: int | None = None) -> None:
+    def __init__(
+        self,
+        model: LoadedModel,
+        *,
+        top_k: int | None = None,
+        batch_sessions: bool = True,
+        batch_window_s: float = 0.005,
+    ) -> None:
         if top_k is not None and top_k < 1:
             raise ConfigurationError(f"top_k must be >= 1 or None, got {top_k}")
         self.model = model
         self.top_k = top_k
+        self.batcher = StepBatcher(model, enabled=batch_sessions, window_s=batch_window_s)
 
     async def describe(self) -> RemoteInfo:
         return RemoteInfo(
@@ -126,10 +139,11 @@ class InProcessSession:
             raise ConfigurationError("the prompt must have at least one token")
         if any(not 0 <= t < vocab for t in prompt_ids):
             raise RemoteProtocolError(f"prompt token ids must lie in the vocabulary [0, {vocab})")
-        self._remote = remote
+        self._batcher = remote.batcher
+        self._vocab = vocab
         self._top_k = top_k
         self._tokens = prompt_ids
-        self._cache = DynamicCache()
+        self._state: KVState | None = None
         self._last: NextTokenLogprobs | None = None
 
     @property
@@ -137,8 +151,8 @@ class InProcessSession:
         return len(self._tokens)
 
     async def prefill(self) -> NextTokenLogprobs:
-        ids = torch.tensor([self._tokens], device=self._remote.model.device)
-        self._last = await self._remote.model.run(self._forward, ids)
+        self._state, logits = await self._batcher.open([self._tokens])
+        self._last = self._distribution(logits[0])
         return self._last
 
     async def advance(self, token_id: int, position: int) -> NextTokenLogprobs:
@@ -148,25 +162,23 @@ class InProcessSession:
             raise RemoteProtocolError(
                 f"position {position} does not extend the session (length {len(self._tokens)})"
             )
-        if not 0 <= token_id < self._remote.model.vocab_size:
+        if not 0 <= token_id < self._vocab:
             raise RemoteProtocolError(f"token id {token_id} is outside the vocabulary")
-        ids = torch.tensor([[token_id]], device=self._remote.model.device)
-        self._last = await self._remote.model.run(self._forward, ids)
+        if self._state is None:
+            raise RemoteProtocolError("the session is closed")
+        logits = await self._batcher.step(self._state, token_id)
+        self._last = self._distribution(logits[0])
         self._tokens.append(token_id)
         return self._last
 
-    def _forward(self, ids: torch.Tensor) -> NextTokenLogprobs:
-        out = self._remote.model.model(
-            input_ids=ids,
-            **{self._remote.model.cache_argument: self._cache},
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        logprobs = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
+    def _distribution(self, logits: torch.Tensor) -> NextTokenLogprobs:
+        logprobs = torch.log_softmax(logits, dim=-1)
         if self._top_k is None or self._top_k >= logprobs.shape[-1]:
             return NextTokenLogprobs(logprobs)
         values, ids = torch.topk(logprobs, self._top_k)
         return NextTokenLogprobs(values, ids)
 
     async def close(self) -> None:
-        self._cache = DynamicCache()
+        if self._state is not None:
+            self._batcher.release(self._state)
+            self._state = None

@@ -119,7 +119,7 @@ async def steer(
             position += 1
     finally:
         if local is not None and local_open is not None and _succeeded(local_open):
-            local.release()
+            local.release(local_open.result()[0])
         for opening in (remote_open, local_open):
             if opening is not None and not opening.done():
                 opening.cancel()

@@ -1,0 +1,237 @@
+"""One-token decoding steps of concurrent sequences, batched into shared forward passes.
+
+Both sides of CoSteer decode one token per step per sequence: a generation's two local
+branches, and each cloud session of `costeer serve`. On a CPU (and more so on a GPU) a
+forward pass over a batch of rows costs far less than one pass per row, because the
+weights are read once. So steps that arrive together run as one batch: their KV caches
+are merged into one left-padded cache, which stays merged from pass to pass while the
+same sequences keep stepping together (no copying beyond the cache's own growth) and is
+split up again when that set changes. Every pass runs on the model's worker thread
+(`LoadedModel.run`), never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from costeer_sdk.runtime import LoadedModel
+
+__all__ = ["KVState", "StepBatcher"]
+
+
+@dataclass(eq=False)
+class KVState:
+    """The KV cache of one sequence group: rows that advance by the same token each step
+    (a generation's two local branches, or one cloud session's single row).
+
+    While the state steps together with others its rows live in their shared `_Batch`,
+    and ``cache``, ``attention_mask`` and ``next_positions`` are stale until the batch is
+    split up again."""
+
+    cache: DynamicCache
+    attention_mask: torch.Tensor  # [rows, length], 0 on left padding
+    next_positions: torch.Tensor  # [rows, 1], position id of each row's next token
+    batch: _Batch | None = None
+
+
+@dataclass(eq=False)
+class _Batch:
+    """Several states merged into one left-padded cache, in the order of ``members``."""
+
+    members: list[KVState]
+    rows: list[slice]  # each member's rows in the merged tensors
+    pads: list[int]  # each member's left padding
+    cache: DynamicCache
+    attention_mask: torch.Tensor
+    next_positions: torch.Tensor
+
+
+def _key_values(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    layers: list[Any] = list(cache.layers)
+    return [(layer.keys, layer.values) for layer in layers]
+
+
+def _cache_of(layers: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+    cache = DynamicCache()
+    for index, (keys, values) in enumerate(layers):
+        cache.update(keys, values, index)
+    return cache
+
+
+def _mergeable(state: KVState) -> bool:
+    """Plain per-layer key/value tensors (not sliding-window or recurrent layers)."""
+    return state.batch is not None or all(
+        type(layer).__name__ == "DynamicLayer" and getattr(layer, "keys", None) is not None
+        for layer in state.cache.layers
+    )
+
+
+def _merge(states: list[KVState]) -> _Batch:
+    """One left-padded batch of the states' own caches (each copied once)."""
+    width = max(s.attention_mask.shape[-1] for s in states)
+    pads = [width - s.attention_mask.shape[-1] for s in states]
+    starts = list(itertools.accumulate((s.attention_mask.shape[0] for s in states), initial=0))
+    rows = [slice(a, b) for a, b in itertools.pairwise(starts)]
+    padded = zip(states, pads, strict=True)
+    mask = torch.cat([torch.nn.functional.pad(s.attention_mask, (pad, 0)) for s, pad in padded])
+    layers = []
+    for per_state in zip(*(_key_values(s.cache) for s in states), strict=True):
+        merged = []
+        for which in (0, 1):  # keys, values
+            first = per_state[0][which]
+            out = first.new_zeros((starts[-1], first.shape[1], width, first.shape[3]))
+            for kv, where, pad in zip(per_state, rows, pads, strict=True):
+                out[where, :, pad:] = kv[which]
+            merged.append(out)
+        layers.append((merged[0], merged[1]))
+    positions = torch.cat([s.next_positions for s in states])
+    batch = _Batch(states, rows, pads, _cache_of(layers), mask, positions)
+    for s in states:
+        s.batch = batch
+    return batch
+
+
+def _split(batch: _Batch) -> None:
+    """Give every member its own cache, mask and positions back; the batch is gone."""
+    layers = _key_values(batch.cache)
+    for s, where, pad in zip(batch.members, batch.rows, batch.pads, strict=True):
+        s.cache = _cache_of([(k[where, :, pad:], v[where, :, pad:]) for k, v in layers])
+        s.attention_mask = batch.attention_mask[where, pad:]
+        s.next_positions = batch.next_positions[where]
+        s.batch = None
+
+
+class StepBatcher:
+    """Prefills sequences and runs their steps, batching steps that arrive together.
+
+    Args:
+        model: the model every pass runs on.
+        enabled: batch concurrent steps (False: each step is its own pass).
+        window_s: how long a pass may wait for the sequences that stepped in the
+            previous pass, so that sequences fall into step with each other. A sequence
+            that misses one pass is no longer waited for.
+    """
+
+    def __init__(self, model: LoadedModel, *, enabled: bool = True, window_s: float = 0.02):
+        self.model = model
+        self.enabled = enabled
+        self.window_s = window_s
+        self._pending: list[tuple[KVState, int, asyncio.Future[torch.Tensor]]] = []
+        self._expected: list[KVState] = []  # last pass's members, minus released ones
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._all_in = asyncio.Event()
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def open(self, rows: Sequence[Sequence[int]]) -> tuple[KVState, torch.Tensor]:
+        """Prefill the rows (left-padded to one length); return the state and the
+        next-token logits ``[rows, vocab]``."""
+        return await self.model.run(self._prefill, [list(r) for r in rows])
+
+    async def step(self, state: KVState, token_id: int) -> torch.Tensor:
+        """Append ``token_id`` to every row of ``state``; return next-token logits."""
+        if not self.enabled:
+            return (await self.model.run(self._step_many, [(state, token_id)]))[0]
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:  # first use, or a new event loop
+            self._loop, self._all_in = loop, asyncio.Event()
+        future: asyncio.Future[torch.Tensor] = loop.create_future()
+        self._pending.append((state, token_id, future))
+        self._check_all_in()
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.ensure_future(self._flush())
+        return await future
+
+    def release(self, state: KVState) -> None:
+        """The sequence is over: passes stop waiting for it."""
+        self._expected = [s for s in self._expected if s is not state]
+        self._check_all_in()
+
+    def _check_all_in(self) -> None:
+        waiting = {id(s) for s, _, _ in self._pending}
+        if self._pending and all(id(s) in waiting for s in self._expected):
+            self._all_in.set()
+
+    async def _flush(self) -> None:
+        """Run pending steps, all that have arrived at once, until none are left."""
+        while self._pending:
+            self._check_all_in()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._all_in.wait(), self.window_s)
+            self._all_in.clear()
+            batch, self._pending = self._pending, []
+            self._expected = [s for s, _, _ in batch]
+            try:
+                results = await self.model.run(self._step_many, [(s, t) for s, t, _ in batch])
+            except Exception as exc:
+                for _, _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (_, _, future), logits in zip(batch, results, strict=True):
+                if not future.done():
+                    future.set_result(logits)
+
+    def _forward(
+        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache
+    ) -> torch.Tensor:
+        """One forward pass extending ``cache``; float32 logits of the last position."""
+        out = self.model.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            **{self.model.cache_argument: cache},
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return out.logits[:, -1].float()
+
+    def _prefill(self, rows: list[list[int]]) -> tuple[KVState, torch.Tensor]:
+        width = max(len(r) for r in rows)
+        pad = self.model.tokenizer.pad_token_id or 0
+        device = self.model.device
+        ids = torch.full((len(rows), width), pad, dtype=torch.long, device=device)
+        mask = torch.zeros((len(rows), width), dtype=torch.long, device=device)
+        for index, seq in enumerate(rows):
+            ids[index, width - len(seq) :] = torch.tensor(seq, device=device)
+            mask[index, width - len(seq) :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        logits = self._forward(ids, mask, positions, cache)
+        return KVState(cache, mask, positions[:, -1:] + 1), logits
+
+    def _step_many(self, items: list[tuple[KVState, int]]) -> list[torch.Tensor]:
+        states = [s for s, _ in items]
+        if len(items) > 1 and all(_mergeable(s) for s in states):
+            batch = states[0].batch
+            if batch is None or batch.members != states:  # who steps together changed
+                for s in states:
+                    if s.batch is not None:
+                        _split(s.batch)
+                batch = _merge(states)
+            tokens = [t for s, t in items for _ in range(s.attention_mask.shape[0])]
+            logits = self._advance(batch, tokens)
+            return [logits[where] for where in batch.rows]
+        results = []
+        for s, token in items:
+            if s.batch is not None:  # it stepped with others until now
+                _split(s.batch)
+            results.append(self._advance(s, [token] * s.attention_mask.shape[0]))
+        return results
+
+    def _advance(self, state: KVState | _Batch, tokens: list[int]) -> torch.Tensor:
+        """One pass appending ``tokens`` (one per row) to ``state``'s cache."""
+        device = self.model.device
+        ids = torch.tensor(tokens, device=device)[:, None]
+        mask = state.attention_mask
+        state.attention_mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
+        logits = self._forward(ids, state.attention_mask, state.next_positions, state.cache)
+        state.next_positions = state.next_positions + 1
+        return logits
