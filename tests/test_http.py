@@ -107,6 +107,29 @@ async def test_http_generation_equals_in_process(
         await remote.aclose()
 
 
+async def test_concurrent_clients_of_one_server_get_their_solo_answers(
+    served: Served, cloud_model: LoadedModel, local_model: LoadedModel
+) -> None:
+    """Clients stepping at once share the server's passes; each gets what it gets alone."""
+    prompts = [PROMPT, "Describe my running habits.", "A haiku about shoes.", PROMPT]
+    contexts = [HISTORY, HISTORY[:1], HISTORY[1:], None]
+    solo = PersonalLLM(InProcessRemote(cloud_model, top_k=5), local_model)
+    want = [
+        (await solo.generate(p, context=c, max_new_tokens=10)).token_ids
+        for p, c in zip(prompts, contexts, strict=True)
+    ]
+    remotes = [SessionRemote(served.url, top_k=5) for _ in prompts]
+    got = await asyncio.gather(
+        *(
+            PersonalLLM(r, local_model).generate(p, context=c, max_new_tokens=10)
+            for r, p, c in zip(remotes, prompts, contexts, strict=True)
+        )
+    )
+    assert [g.token_ids for g in got] == want
+    for r in remotes:
+        await r.aclose()
+
+
 async def test_f16_full_distributions_keep_greedy_choices(
     served: Served, cloud_model: LoadedModel, local_model: LoadedModel
 ) -> None:
