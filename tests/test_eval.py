@@ -20,6 +20,7 @@ from costeer_sdk.evaluation import (
     score,
 )
 from costeer_sdk.evaluation.metrics import meteor_available
+from costeer_sdk.evaluation.report import compare
 from costeer_sdk.memory import SQLiteMemoryStore
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -135,6 +136,22 @@ def test_scores() -> None:
     assert score("a a a a", None, [])["distinct2"] == pytest.approx(1 / 3)
 
 
+def test_paired_comparison_with_bootstrap_interval() -> None:
+    def row(i: int, method: str, rouge: float) -> dict:
+        return {"id": f"e{i}", "method": method, "metrics": {"rouge1": rouge}}
+
+    rows = [row(i, "costeer", 0.3 + 0.01 * i) for i in range(10)]
+    rows += [row(i, "cloud", 0.2 + 0.01 * i) for i in range(10)]  # always 0.1 lower
+    rows += [row(i, "local_ctx", 0.3 + 0.01 * i + (0.05 if i % 2 else -0.05)) for i in range(10)]
+    rows += [{**row(0, "cloud_ctx", 0.9), "error": "timeout"}]  # errors are left out
+    cloud, local = compare(rows)
+    assert cloud["versus"] == "cloud" and cloud["n"] == 10
+    assert cloud["mean_diff"] == pytest.approx(0.1)
+    assert cloud["ci_low"] == pytest.approx(0.1) and cloud["wins"] == 10
+    assert local["mean_diff"] == pytest.approx(0.0, abs=1e-9)
+    assert local["ci_low"] < 0 < local["ci_high"] and local["wins"] == local["losses"] == 5
+
+
 def lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -157,7 +174,8 @@ def test_costeer_eval_runs_resumes_and_reports(model_dirs: list[str], tmp_path: 
         table = list(csv.DictReader(fh))
     assert [t["method"] for t in table] == ["cloud", "local_ctx", "cloud_ctx", "costeer"]
     assert all(t["n"] == "2" for t in table)
-    assert "| costeer | 2 | 0 |" in (out / "results.md").read_text()
+    report = (out / "results.md").read_text()
+    assert "| costeer | 2 | 0 |" in report and "| cloud | ROUGE-1 F1 | 2 |" in report
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # A crash mid-run: the last two generations lost, a half-written line left behind.

@@ -1,4 +1,9 @@
-"""The results table (Markdown and CSV) and a bar chart, from ``generations.jsonl``."""
+"""The results table (Markdown and CSV) and a bar chart, from ``generations.jsonl``.
+
+Means alone cannot say whether CoSteer beats a baseline on 20 examples, so the report
+also pairs every method with CoSteer example by example: the mean difference with a
+95% bootstrap interval, and how often CoSteer wins, ties and loses.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,8 @@ from typing import Any
 from costeer_sdk.evaluation.runner import METHODS
 
 METRIC_ORDER = ("rouge1", "rougeL", "meteor", "copy8", "words", "distinct2", "uplifting")
+QUALITY_METRICS = ("rouge1", "rougeL", "meteor")
+BOOTSTRAP_SAMPLES = 10_000
 METRIC_TITLES = {
     "rouge1": "ROUGE-1 F1",
     "rougeL": "ROUGE-L F1",
@@ -45,6 +52,69 @@ def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return table
 
 
+def compare(rows: Sequence[dict[str, Any]], target: str = "costeer") -> list[dict[str, Any]]:
+    """``target`` against every other method, paired by example, per quality metric:
+    mean difference (target minus other), its 95% bootstrap interval (percentile, fixed
+    seed) and the target's wins / ties / losses."""
+    import numpy as np
+
+    by_method: dict[str, dict[str, dict[str, float]]] = {}
+    for r in rows:
+        if "error" not in r:
+            by_method.setdefault(r["method"], {})[r["id"]] = r["metrics"]
+    mine = by_method.get(target, {})
+    result = []
+    for other in METHODS:
+        theirs = by_method.get(other, {})
+        if other == target or not theirs:
+            continue
+        for metric in QUALITY_METRICS:
+            ids = sorted(i for i in mine.keys() & theirs.keys() if metric in mine[i])
+            if not ids:
+                continue
+            diff = np.array([mine[i][metric] - theirs[i][metric] for i in ids])
+            draws = np.random.default_rng(0).integers(0, len(ids), (BOOTSTRAP_SAMPLES, len(ids)))
+            low, high = np.percentile(diff[draws].mean(axis=1), [2.5, 97.5])
+            result.append(
+                {
+                    "versus": other,
+                    "metric": metric,
+                    "n": len(ids),
+                    "mean_diff": float(diff.mean()),
+                    "ci_low": float(low),
+                    "ci_high": float(high),
+                    "wins": int((diff > 0).sum()),
+                    "ties": int((diff == 0).sum()),
+                    "losses": int((diff < 0).sum()),
+                }
+            )
+    return result
+
+
+def _paired_lines(pairs: Sequence[dict[str, Any]], target: str) -> list[str]:
+    if not pairs:
+        return []
+    lines = [
+        "",
+        f"## {target} against each method, paired by example",
+        "",
+        f"| versus | metric | n | {target} minus versus | 95% CI | wins / ties / losses |",
+        "|---|---|---:|---:|---|---|",
+    ]
+    for p in pairs:
+        lines.append(
+            f"| {p['versus']} | {METRIC_TITLES[p['metric']]} | {p['n']} | {p['mean_diff']:+.4f} "
+            f"| [{p['ci_low']:+.4f}, {p['ci_high']:+.4f}] "
+            f"| {p['wins']} / {p['ties']} / {p['losses']} |"
+        )
+    lines += [
+        "",
+        "An interval that excludes 0 is a difference these examples support; one that "
+        "includes 0 is not.",
+    ]
+    return lines
+
+
 def _columns(table: Sequence[dict[str, Any]]) -> list[str]:
     present = [m for m in METRIC_ORDER if any(m in line for line in table)]
     return ["method", "n", "errors", *present, "seconds"]
@@ -76,6 +146,7 @@ def write_report(out: Path, rows: Sequence[dict[str, Any]], title: str) -> list[
     ]
     if table and "meteor" not in columns and any("rouge1" in line for line in table):
         lines.append("METEOR is absent: WordNet is not installed here (scripts/wordnet.sh).")
+    lines += _paired_lines(compare(rows), "costeer")
     (out / "results.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     _chart(out / "results.png", table, [c for c in columns if c in METRIC_ORDER], title)
     return table
