@@ -201,6 +201,19 @@ def test_costeer_eval_runs_resumes_and_reports(model_dirs: list[str], tmp_path: 
     bad = runner.invoke(main, [*args[:-2], "--methods", "cloud,oracle"])
     assert bad.exit_code != 0 and "unknown method(s) oracle" in bad.output
 
+    # A steering sweep reuses the baselines, which steering does not change.
+    sweep = [*args[:6], str(tmp_path / "beta2"), *args[7:], "--beta", "2.0"]
+    reused = runner.invoke(main, [*sweep, "--reuse-baselines", str(out)])
+    assert reused.exit_code == 0 and "reused 6 baseline generations" in reused.output
+    swept = lines(tmp_path / "beta2" / "generations.jsonl")
+    copied = {(r["id"], r["method"]): r["text"] for r in swept if r["method"] != "costeer"}
+    assert copied == {(r["id"], r["method"]): r["text"] for r in redone + rows[:-2]
+                      if r["method"] != "costeer"}  # fmt: skip
+    assert sorted(r["id"] for r in swept if r["method"] == "costeer") == ["c0", "c1"]
+    longer = [*args[:6], str(tmp_path / "long"), *args[7:-1], "5", "--reuse-baselines", str(out)]
+    refused = runner.invoke(main, longer)
+    assert refused.exit_code != 0 and "max_new_tokens differ" in refused.output
+
 
 @pytest.mark.skipif(not (SHARED / "cogenesis.jsonl").exists(), reason="needs ../shared/data")
 async def test_shared_files_load(tmp_path: Path) -> None:

@@ -61,6 +61,14 @@ _DEFAULTS = SteeringConfig()
 @click.option("--lambda", "player_lambda", default=_DEFAULTS.player_lambda, show_default=True)
 @click.option("--eta", default=_DEFAULTS.eta, show_default=True)
 @click.option(
+    "--reuse-baselines",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="Copy the finished cloud/local_ctx/cloud_ctx generations of the run in this "
+    "folder (same task, data, models and length; other steering) instead of generating "
+    "them again: a steering sweep then generates CoSteer alone.",
+)
+@click.option(
     "--top-k",
     default=20,
     show_default=True,
@@ -83,6 +91,7 @@ def eval_command(
     beta: float,
     player_lambda: float,
     eta: float,
+    reuse_baselines: Path | None,
     top_k: int,
 ) -> None:
     """Evaluate methods on a task; resumable; writes generations.jsonl and results.*.
@@ -116,6 +125,9 @@ def eval_command(
             cloud_url=cloud_url,
         )
         runlog = RunLog(out, settings)
+        if reuse_baselines is not None:
+            copied = runlog.reuse_baselines(reuse_baselines)
+            click.echo(f"reused {copied} baseline generations from {reuse_baselines}")
     except (ConfigurationError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
 

@@ -56,6 +56,10 @@ class RunSettings:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RunSettings:
+        return cls(**{**data, "steering": SteeringConfig(**data["steering"])})
+
 
 def check_methods(methods: Sequence[str]) -> list[str]:
     unknown = [m for m in methods if m not in METHODS]
@@ -118,6 +122,34 @@ class RunLog:
                 except json.JSONDecodeError:
                     continue  # a line cut by a crash mid-write: that generation reruns
         return rows
+
+    def reuse_baselines(self, other: Path) -> int:
+        """Copy the finished baseline generations (every method but ``costeer``) of the
+        run in ``other`` into this one, so a steering sweep generates CoSteer alone.
+
+        Allowed when the runs differ only in the steering hyperparameters and ``top_k``,
+        which change no baseline: they are greedy and unsteered, and the greedy choice
+        over the cloud's top-k is its choice over the whole vocabulary. Returns how many
+        rows were copied."""
+        found_file = other / RUN_FILE
+        if not found_file.exists():
+            raise ConfigurationError(f"{other} holds no evaluation run ({RUN_FILE} missing)")
+        found = json.loads(found_file.read_text())
+        mine = json.loads((self.out / RUN_FILE).read_text())
+        differ = sorted(
+            k for k in mine.keys() | found.keys()
+            if k not in ("steering", "top_k") and mine.get(k) != found.get(k)
+        )  # fmt: skip
+        if differ:
+            raise ConfigurationError(
+                f"cannot reuse the baselines of {other}: {', '.join(differ)} differ"
+            )
+        copied = 0
+        for row in RunLog(other, RunSettings.from_json(found)).rows():
+            if row["method"] != "costeer" and (row["id"], row["method"]) not in self.done:
+                self.append(row)
+                copied += 1
+        return copied
 
     def append(self, row: dict[str, Any]) -> None:
         with self.path.open("a", encoding="utf-8") as fh:
