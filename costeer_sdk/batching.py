@@ -231,7 +231,7 @@ class StepBatcher:
         device = self.model.device
         ids = torch.tensor(tokens, device=device)[:, None]
         mask = state.attention_mask
-        state.attention_mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
-        logits = self._forward(ids, state.attention_mask, state.next_positions, state.cache)
-        state.next_positions = state.next_positions + 1
+        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
+        logits = self._forward(ids, mask, state.next_positions, state.cache)
+        state.attention_mask, state.next_positions = mask, state.next_positions + 1
         return logits
