@@ -26,6 +26,9 @@ from costeer_sdk.runtime import LoadedModel
 
 __all__ = ["KVState", "StepBatcher"]
 
+PREFILL_PADDING_SHARE = 0.25
+"""Rows are prefilled one by one when padding would be more than this share of a batch."""
+
 
 @dataclass(eq=False)
 class KVState:
@@ -194,6 +197,24 @@ class StepBatcher:
         return out.logits[:, -1].float()
 
     def _prefill(self, rows: list[list[int]]) -> tuple[KVState, torch.Tensor]:
+        """Prefill as one left-padded batch when the rows are about as long, or else
+        each row on its own, merged afterwards: a private prompt is often many times
+        the public one, and a padded batch would spend as much compute on padding."""
+        width = max(len(r) for r in rows)
+        padding = len(rows) * width - sum(len(r) for r in rows)
+        if len(rows) == 1 or padding <= PREFILL_PADDING_SHARE * len(rows) * width:
+            return self._prefill_padded(rows)
+        alone = [self._prefill_padded([r]) for r in rows]
+        states = [state for state, _ in alone]
+        if not all(_mergeable(s) for s in states):
+            return self._prefill_padded(rows)
+        merged = _merge(states)
+        for state in states:
+            state.batch = None
+        joined = KVState(merged.cache, merged.attention_mask, merged.next_positions)
+        return joined, torch.cat([logits for _, logits in alone])
+
+    def _prefill_padded(self, rows: list[list[int]]) -> tuple[KVState, torch.Tensor]:
         width = max(len(r) for r in rows)
         pad = self.model.tokenizer.pad_token_id or 0
         device = self.model.device
