@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from costeer_sdk.runtime import LoadedModel
 
@@ -57,13 +58,56 @@ class _Batch:
     next_positions: torch.Tensor
 
 
+class _GrowingLayer(DynamicLayer):
+    """A `DynamicLayer` whose keys and values are views into buffers that grow by
+    doubling. `DynamicLayer` concatenates, copying the whole cache at every step; here a
+    step writes one position. If something replaced the tensors (a crop keeps the view,
+    a reorder does not), the buffers are rebuilt from them."""
+
+    _buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        keys, values = self.keys, self.values
+        assert keys is not None and values is not None  # initialized above
+        length = keys.shape[-2] if keys.numel() else 0
+        total = length + key_states.shape[-2]
+        buffers = self._buffers
+        if (
+            buffers is None
+            or buffers[0].data_ptr() != keys.data_ptr()
+            or buffers[0].shape[:2] != key_states.shape[:2]
+            or buffers[0].shape[-2] < total
+        ):
+            shape = (*key_states.shape[:2], max(total, 2 * length), key_states.shape[-1])
+            buffers = (key_states.new_empty(shape), value_states.new_empty(shape))
+            if length:
+                buffers[0][..., :length, :] = keys
+                buffers[1][..., :length, :] = values
+            self._buffers = buffers
+        buffers[0][..., length:total, :] = key_states
+        buffers[1][..., length:total, :] = value_states
+        self.keys, self.values = buffers[0][..., :total, :], buffers[1][..., :total, :]
+        return self.keys, self.values
+
+
+def new_cache() -> DynamicCache:
+    """An empty KV cache whose layers grow in place (`_GrowingLayer`)."""
+    cache = DynamicCache()
+    cache.layer_class_to_replicate = _GrowingLayer
+    return cache
+
+
 def _key_values(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     layers: list[Any] = list(cache.layers)
     return [(layer.keys, layer.values) for layer in layers]
 
 
 def _cache_of(layers: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
-    cache = DynamicCache()
+    cache = new_cache()
     for index, (keys, values) in enumerate(layers):
         cache.update(keys, values, index)
     return cache
@@ -72,7 +116,9 @@ def _cache_of(layers: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCac
 def _mergeable(state: KVState) -> bool:
     """Plain per-layer key/value tensors (not sliding-window or recurrent layers)."""
     return state.batch is not None or all(
-        type(layer).__name__ == "DynamicLayer" and getattr(layer, "keys", None) is not None
+        isinstance(layer, DynamicLayer)
+        and not getattr(layer, "is_sliding", False)
+        and getattr(layer, "keys", None) is not None
         for layer in state.cache.layers
     )
 
@@ -224,7 +270,7 @@ class StepBatcher:
             ids[index, width - len(seq) :] = torch.tensor(seq, device=device)
             mask[index, width - len(seq) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
+        cache = new_cache()
         logits = self._forward(ids, mask, positions, cache)
         return KVState(cache, mask, positions[:, -1:] + 1), logits
 

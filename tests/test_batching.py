@@ -53,3 +53,28 @@ async def test_unbatched_sessions_answer_the_same(cloud_model: LoadedModel) -> N
     plain = await walk(InProcessRemote(cloud_model, batch_sessions=False), PROMPTS[2], 5)
     for a, b in zip(batched, plain, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_growing_cache_holds_what_a_dynamic_cache_holds() -> None:
+    """Appending writes in place into doubling buffers; what the cache returns is what
+    transformers' concatenating cache returns, also after a crop and a reorder."""
+    from transformers import DynamicCache
+
+    from costeer_sdk.batching import new_cache
+
+    g = torch.Generator().manual_seed(0)
+    grow, plain = new_cache(), DynamicCache()
+    for n in (7, 1, 1, 3, 1, 1, 1, 1, 9):
+        k, v = (torch.randn(2, 4, n, 8, generator=g) for _ in range(2))
+        got, want = grow.update(k, v, 0), plain.update(k.clone(), v.clone(), 0)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        if n == 3:
+            grow.crop(-2), plain.crop(-2)
+        if n == 9:
+            grow.reorder_cache(torch.tensor([1, 0])), plain.reorder_cache(torch.tensor([1, 0]))
+    assert grow.get_seq_length() == plain.get_seq_length() == 23
+    last = (torch.randn(2, 4, 1, 8, generator=g) for _ in range(2))
+    k, v = last
+    torch.testing.assert_close(grow.update(k, v, 0), plain.update(k, v, 0), rtol=0, atol=0)
+    layer = grow.layers[0]
+    assert layer._buffers is not None and layer._buffers[0].shape[-2] >= 24
