@@ -10,6 +10,7 @@ probability).
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -56,7 +57,9 @@ def main() -> None:
         llm, without, with_ = (torch.randn(args.batch, vocab, generator=g) * 3 for _ in range(3))
         inputs = (llm, without, with_, config)
         t_iter, t_closed = median_seconds(
-            lambda x=inputs: fuse_iterative(*x), lambda x=inputs: fuse(*x), args.repeats
+            functools.partial(fuse_iterative, *inputs),
+            functools.partial(fuse, *inputs),
+            args.repeats,
         )
         closed = fuse(llm, without, with_, config)
         literal = fuse_iterative(llm, without, with_, config)

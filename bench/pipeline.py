@@ -6,7 +6,8 @@ The cloud is `costeer serve` on loopback, in its own process (a small random Qwe
 model plus an injected per-step delay standing in for network and cloud compute);
 the local side is a random Qwen2 model sized to take tens of milliseconds per
 two-branch step. The client runs in this process; all numbers come from one run, side
-by side.
+by side. Concurrent generations share one `PersonalLLM`; they run twice, with their steps
+sent together (one request per token, the default) and one request per session and step.
 
 The cloud is meant to be another machine, so by default the server is pinned to half
 of this machine's cores and the client to the other half (``--shared-cores`` lets both
@@ -33,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from test_http import free_socket, start_costeer_serve
 from tiny import make_model, make_tokenizer
 
-from costeer_sdk import PersonalLLM
+from costeer_sdk import LoadedModel, PersonalLLM
 from costeer_sdk.http_remote import SessionRemote
 
 HISTORY = ["I ran ten miles in my new shoes.", "The grip is good on wet trails."] * 4
@@ -76,8 +77,8 @@ def split_cores() -> set[int]:
     return server
 
 
-async def one_delay(  # type: ignore[no-untyped-def]
-    delay_s: float, tokens: int, local, model_dir: Path, server_cores: set[int] | None
+async def one_delay(
+    delay_s: float, tokens: int, local: LoadedModel, model_dir: Path, server_cores: set[int] | None
 ) -> None:
     proc, url = start_server(model_dir, delay_s, server_cores)
     try:
@@ -102,22 +103,26 @@ async def one_delay(  # type: ignore[no-untyped-def]
             f"{step / (remote_step + local_step):>8.2f} "
             f"{rows[True][1]:>7.0f} {rows[True][2]:>7.0f}"
         )
-        concurrency = []
-        for n in (1, 4, 8):
-            remote = SessionRemote(url, top_k=20)
-            llm = PersonalLLM(remote, local)
-            start = time.perf_counter()
-            outs = await asyncio.gather(
-                *(llm.generate(PROMPT, context=HISTORY, max_new_tokens=tokens) for _ in range(n))
+        for coalesce in (True, False):
+            concurrency = []
+            for n in (1, 4, 8):
+                remote = SessionRemote(url, top_k=20, coalesce=coalesce)
+                llm = PersonalLLM(remote, local)
+                start = time.perf_counter()
+                outs = await asyncio.gather(
+                    *(
+                        llm.generate(PROMPT, context=HISTORY, max_new_tokens=tokens)
+                        for _ in range(n)
+                    )
+                )
+                elapsed = time.perf_counter() - start
+                concurrency.append((n, sum(len(o.token_ids) for o in outs) / elapsed))
+                await remote.aclose()
+            base = concurrency[0][1]
+            print(
+                f"        concurrent, {'one request per token' if coalesce else 'per session'}: "
+                + ", ".join(f"{n} -> {tps:.1f} tok/s ({tps / base:.2f}x)" for n, tps in concurrency)
             )
-            elapsed = time.perf_counter() - start
-            concurrency.append((n, sum(len(o.token_ids) for o in outs) / elapsed))
-            await remote.aclose()
-        base = concurrency[0][1]
-        print(
-            "        concurrent: "
-            + ", ".join(f"{n} -> {tps:.1f} tok/s ({tps / base:.2f}x)" for n, tps in concurrency)
-        )
     finally:
         proc.kill()
         proc.wait()

@@ -6,14 +6,13 @@ forward pass over a batch of rows costs far less than one pass per row, because 
 weights are read once. So steps that arrive together run as one batch: their KV caches
 are merged into one left-padded cache, which stays merged from pass to pass while the
 same sequences keep stepping together (no copying beyond the cache's own growth) and is
-split up again when that set changes. Every pass runs on the model's worker thread
+split up again when that set changes. Which steps arrive together is
+`gathering.Gatherer`'s business; every pass runs on the model's worker thread
 (`LoadedModel.run`), never on the event loop.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from costeer_sdk.gathering import Gatherer
 from costeer_sdk.runtime import LoadedModel
 
 __all__ = ["KVState", "StepBatcher"]
@@ -172,12 +172,9 @@ class StepBatcher:
     def __init__(self, model: LoadedModel, *, enabled: bool = True, window_s: float = 0.02):
         self.model = model
         self.enabled = enabled
-        self.window_s = window_s
-        self._pending: list[tuple[KVState, int, asyncio.Future[torch.Tensor]]] = []
-        self._expected: list[KVState] = []  # last pass's members, minus released ones
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._all_in = asyncio.Event()
-        self._flusher: asyncio.Task[None] | None = None
+        self._steps: Gatherer[KVState, int, torch.Tensor] = Gatherer(
+            self._run_steps, window_s=window_s
+        )
 
     async def open(self, rows: Sequence[Sequence[int]]) -> tuple[KVState, torch.Tensor]:
         """Prefill the rows (left-padded to one length); return the state and the
@@ -187,46 +184,15 @@ class StepBatcher:
     async def step(self, state: KVState, token_id: int) -> torch.Tensor:
         """Append ``token_id`` to every row of ``state``; return next-token logits."""
         if not self.enabled:
-            return (await self.model.run(self._step_many, [(state, token_id)]))[0]
-        loop = asyncio.get_running_loop()
-        if loop is not self._loop:  # first use, or a new event loop
-            self._loop, self._all_in = loop, asyncio.Event()
-        future: asyncio.Future[torch.Tensor] = loop.create_future()
-        self._pending.append((state, token_id, future))
-        self._check_all_in()
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.ensure_future(self._flush())
-        return await future
+            return (await self._run_steps([(state, token_id)]))[0]
+        return await self._steps.submit(state, token_id)
 
     def release(self, state: KVState) -> None:
         """The sequence is over: passes stop waiting for it."""
-        self._expected = [s for s in self._expected if s is not state]
-        self._check_all_in()
+        self._steps.forget(state)
 
-    def _check_all_in(self) -> None:
-        waiting = {id(s) for s, _, _ in self._pending}
-        if self._pending and all(id(s) in waiting for s in self._expected):
-            self._all_in.set()
-
-    async def _flush(self) -> None:
-        """Run pending steps, all that have arrived at once, until none are left."""
-        while self._pending:
-            self._check_all_in()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._all_in.wait(), self.window_s)
-            self._all_in.clear()
-            batch, self._pending = self._pending, []
-            self._expected = [s for s, _, _ in batch]
-            try:
-                results = await self.model.run(self._step_many, [(s, t) for s, t, _ in batch])
-            except Exception as exc:
-                for _, _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
-                continue
-            for (_, _, future), logits in zip(batch, results, strict=True):
-                if not future.done():
-                    future.set_result(logits)
+    async def _run_steps(self, items: list[tuple[KVState, int]]) -> list[torch.Tensor]:
+        return await self.model.run(self._step_many, items)
 
     def _forward(
         self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache

@@ -10,10 +10,10 @@ applied twice) are retried with exponential backoff on connection errors, timeou
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from tenacity import (
     AsyncRetrying,
     retry_if_exception_type,
@@ -22,9 +22,19 @@ from tenacity import (
 )
 
 from costeer_sdk.errors import ConfigurationError, RemoteProtocolError, RemoteUnavailable
+from costeer_sdk.gathering import Gatherer
 from costeer_sdk.logs import get_logger
 from costeer_sdk.remote import NextTokenLogprobs, RemoteInfo
-from costeer_sdk.wire import Encoding, Info, SessionState, decode
+from costeer_sdk.wire import (
+    Encoding,
+    Info,
+    SessionAdvance,
+    SessionState,
+    SessionStep,
+    StepBatch,
+    StepResults,
+    decode,
+)
 
 log = get_logger(__name__)
 
@@ -114,9 +124,16 @@ class HTTPRemote:
 class SessionRemote(HTTPRemote):
     """A `Remote` served by ``costeer serve`` (the session protocol).
 
+    Generations that share this remote step in one request: the steps that arrive
+    together (`gathering.Gatherer`) go out as one ``POST /v1/steps``, so eight concurrent
+    generations cost one HTTP exchange per token instead of eight. A lone step uses the
+    session's own ``/advance`` route.
+
     Args:
         top_k: ask for the top-k only (None: the full distribution).
         encoding: ``"f32"`` or ``"f16"`` for full distributions.
+        coalesce: send concurrent sessions' steps together (False: one request each).
+        coalesce_window_s: how long a request may wait for the sessions of the last one.
         **options: ``api_key``, ``timeout_s``, ``retries``, ... as for `HTTPRemote`.
     """
 
@@ -126,6 +143,8 @@ class SessionRemote(HTTPRemote):
         *,
         top_k: int | None = 20,
         encoding: Encoding = "f32",
+        coalesce: bool = True,
+        coalesce_window_s: float = 0.005,
         **options: Any,
     ) -> None:
         if top_k is not None and top_k < 1:
@@ -133,6 +152,10 @@ class SessionRemote(HTTPRemote):
         super().__init__(base_url, **options)
         self.top_k = top_k
         self.encoding = encoding
+        self.coalesce = coalesce
+        self._steps: Gatherer[HTTPSession, SessionAdvance, NextTokenLogprobs] = Gatherer(
+            self._send_steps, window_s=coalesce_window_s
+        )
 
     async def describe(self) -> RemoteInfo:
         try:
@@ -147,8 +170,47 @@ class SessionRemote(HTTPRemote):
         self, prompt_ids: Sequence[int]
     ) -> tuple[HTTPSession, NextTokenLogprobs]:
         body = {"prompt_ids": list(prompt_ids), "top_k": self.top_k, "encoding": self.encoding}
-        state = _state(await self._request("POST", "/v1/sessions", body))
+        state = _parse(SessionState, await self._request("POST", "/v1/sessions", body))
         return HTTPSession(self, state.session_id), decode(state.next)
+
+    async def _step(self, session: HTTPSession, step: SessionAdvance) -> NextTokenLogprobs:
+        if self.coalesce:
+            return await self._steps.submit(session, step)
+        outcome = (await self._send_steps([(session, step)]))[0]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    async def _send_steps(
+        self, items: list[tuple[HTTPSession, SessionAdvance]]
+    ) -> list[NextTokenLogprobs | BaseException]:
+        """One request for all ``items``; a step the server refused fails alone."""
+        if len(items) == 1:
+            session, step = items[0]
+            path = f"/v1/sessions/{session.session_id}/advance"
+            state = _parse(SessionState, await self._request("POST", path, step.model_dump()))
+            return [_next_after(state, step)]
+        body = StepBatch(
+            steps=[SessionStep(session_id=s.session_id, **step.model_dump()) for s, step in items]
+        )
+        answer = _parse(StepResults, await self._request("POST", "/v1/steps", body.model_dump()))
+        if len(answer.results) != len(items):
+            raise RemoteProtocolError(
+                f"{len(answer.results)} results for {len(items)} steps from {self.base_url}"
+            )
+        outcomes: list[NextTokenLogprobs | BaseException] = []
+        for (_, step), result in zip(items, answer.results, strict=True):
+            try:
+                if result.error is not None:
+                    raise RemoteProtocolError(
+                        f"{result.error.status} from {self.base_url}: {result.error.detail}"
+                    )
+                if result.state is None:
+                    raise RemoteProtocolError("a step result with neither state nor error")
+                outcomes.append(_next_after(result.state, step))
+            except RemoteProtocolError as exc:
+                outcomes.append(exc)
+        return outcomes
 
 
 class HTTPSession:
@@ -159,24 +221,29 @@ class HTTPSession:
         self.session_id = session_id
 
     async def advance(self, token_id: int, position: int) -> NextTokenLogprobs:
-        body = {"position": position, "token_id": token_id}
-        path = f"/v1/sessions/{self.session_id}/advance"
-        state = _state(await self.remote._request("POST", path, body))
-        if state.position != position + 1:
-            raise RemoteProtocolError(
-                f"server holds {state.position} tokens after filling position {position}"
-            )
-        return decode(state.next)
+        return await self.remote._step(self, SessionAdvance(position=position, token_id=token_id))
 
     async def close(self) -> None:
+        self.remote._steps.forget(self)
         try:
             await self.remote._request("DELETE", f"/v1/sessions/{self.session_id}")
         except (RemoteUnavailable, RemoteProtocolError) as exc:  # it expires on its own
             log.info("remote.close_failed", error=str(exc))
 
 
-def _state(payload: Any) -> SessionState:
+def _next_after(state: SessionState, step: SessionAdvance) -> NextTokenLogprobs:
+    if state.position != step.position + 1:
+        raise RemoteProtocolError(
+            f"server holds {state.position} tokens after filling position {step.position}"
+        )
+    return decode(state.next)
+
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+def _parse(kind: type[ModelT], payload: Any) -> ModelT:
     try:
-        return SessionState.model_validate(payload)
+        return kind.model_validate(payload)
     except ValidationError as exc:
-        raise RemoteProtocolError(f"malformed session answer: {exc.errors()[:2]}") from exc
+        raise RemoteProtocolError(f"malformed answer: {exc.errors()[:2]}") from exc

@@ -3,7 +3,8 @@
 The server keeps each session's KV cache, so a step is one forward pass of one token
 and a request carries one token id, never the prefix. A step names the position it
 fills: repeating the last step (a client retry) returns the same answer without
-appending twice. Sessions expire after ``session_ttl_s`` idle and are capped at
+appending twice. A client running several generations may send all their steps in one
+request (``POST /v1/steps``). Sessions expire after ``session_ttl_s`` idle and are capped at
 ``max_sessions`` (429 past the cap). With ``api_key`` set, every route but ``/health``
 needs ``Authorization: Bearer <key>``.
 """
@@ -26,7 +27,18 @@ from costeer_sdk.logs import get_logger
 from costeer_sdk.openai_api import router as openai_router
 from costeer_sdk.remote import InProcessRemote, InProcessSession
 from costeer_sdk.runtime import LoadedModel
-from costeer_sdk.wire import Encoding, Info, SessionAdvance, SessionCreate, SessionState, info_of
+from costeer_sdk.wire import (
+    Encoding,
+    Info,
+    SessionAdvance,
+    SessionCreate,
+    SessionState,
+    StepBatch,
+    StepError,
+    StepResult,
+    StepResults,
+    info_of,
+)
 from costeer_sdk.wire import encode as encode_dist
 
 log = get_logger(__name__)
@@ -130,23 +142,49 @@ def create_app(
             session_id=sid, position=inner.length, next=encode_dist(first, body.encoding)
         )
 
-    @app.post("/v1/sessions/{session_id}/advance", dependencies=[Depends(authorize)])
-    async def advance(session_id: str, body: SessionAdvance) -> SessionState:
+    async def apply(session_id: str, step: SessionAdvance) -> SessionState:
+        """One advance, without the emulated latency; HTTPException if it is refused."""
         session = find(session_id)
         async with session.lock:
-            if body.position + 1 >= model.window:
+            if step.position + 1 >= model.window:
                 raise HTTPException(422, "the session has reached the model's window")
             try:
-                dist = await session.inner.advance(body.token_id, body.position)
+                dist = await session.inner.advance(step.token_id, step.position)
             except RemoteProtocolError as exc:
                 status = 409 if "position" in str(exc) else 422
                 raise HTTPException(status, str(exc)) from exc
-            await asyncio.sleep(step_delay_s)
             return SessionState(
                 session_id=session_id,
                 position=session.inner.length,
                 next=encode_dist(dist, session.encoding),
             )
+
+    @app.post("/v1/sessions/{session_id}/advance", dependencies=[Depends(authorize)])
+    async def advance(session_id: str, body: SessionAdvance) -> SessionState:
+        state = await apply(session_id, body)
+        await asyncio.sleep(step_delay_s)
+        return state
+
+    @app.post("/v1/steps", dependencies=[Depends(authorize)])
+    async def steps(body: StepBatch) -> StepResults:
+        """Advance several sessions in one request; each step succeeds or fails alone.
+
+        The steps run concurrently, so the model takes them in one batched pass.
+        """
+        done = await asyncio.gather(
+            *(apply(step.session_id, step) for step in body.steps), return_exceptions=True
+        )
+        await asyncio.sleep(step_delay_s)
+        results = []
+        for outcome in done:
+            if isinstance(outcome, HTTPException):
+                error = StepError(status=outcome.status_code, detail=str(outcome.detail))
+                results.append(StepResult(error=error))
+            elif isinstance(outcome, BaseException):
+                raise outcome
+            else:
+                results.append(StepResult(state=outcome))
+        return StepResults(results=results)
 
     @app.delete("/v1/sessions/{session_id}", status_code=204, dependencies=[Depends(authorize)])
     async def delete(session_id: str) -> Response:

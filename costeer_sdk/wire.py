@@ -4,7 +4,8 @@ A request carries O(1) tokens: a session is created once from the public prompt'
 then each step names one token and the position it fills. A full next-token
 distribution travels as base64 of little-endian float32 (``encoding="f32"``, 4 bytes per
 vocabulary entry before base64) or float16 (``"f16"``, half that); a top-k one as two
-JSON lists.
+JSON lists. A client running several generations against one server may send their
+steps together (`StepBatch`); each step still names its session and position.
 """
 
 from __future__ import annotations
@@ -50,6 +51,39 @@ class SessionState(BaseModel):
     session_id: str
     position: int = Field(description="tokens the session holds; the next advance fills it")
     next: Distribution
+
+
+MAX_STEPS_PER_REQUEST = 1024
+
+
+class SessionStep(SessionAdvance):
+    """One session's advance inside a `StepBatch`."""
+
+    session_id: str = Field(max_length=64)
+
+
+class StepBatch(BaseModel):
+    """The advances of several sessions, sent at once by a client running several
+    generations: one request per step of all of them instead of one per session."""
+
+    model_config = ConfigDict(extra="forbid")
+    steps: list[SessionStep] = Field(min_length=1, max_length=MAX_STEPS_PER_REQUEST)
+
+
+class StepError(BaseModel):
+    status: int = Field(description="the HTTP status this step alone would have had")
+    detail: str
+
+
+class StepResult(BaseModel):
+    """A step's new state, or why it failed (other steps of the batch are unaffected)."""
+
+    state: SessionState | None = None
+    error: StepError | None = None
+
+
+class StepResults(BaseModel):
+    results: list[StepResult] = Field(description="one per step, in the request's order")
 
 
 class Info(BaseModel):

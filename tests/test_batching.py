@@ -7,6 +7,7 @@ import asyncio
 import torch
 
 from costeer_sdk import InProcessRemote, LoadedModel
+from costeer_sdk.gathering import Gatherer
 
 PROMPTS = [[5, 6, 7, 8, 9], [11, 12], [20, 21, 22, 23, 24, 25, 26, 27], [30, 31, 32]]
 
@@ -78,3 +79,42 @@ def test_growing_cache_holds_what_a_dynamic_cache_holds() -> None:
     torch.testing.assert_close(grow.update(k, v, 0), plain.update(k, v, 0), rtol=0, atol=0)
     layer = grow.layers[0]
     assert layer._buffers is not None and layer._buffers[0].shape[-2] >= 24
+
+
+async def test_gatherer_runs_a_burst_as_one_call_and_fails_items_alone() -> None:
+    calls: list[list[tuple[object, int]]] = []
+
+    async def run(items: list[tuple[object, int]]) -> list[int | BaseException]:
+        calls.append(items)
+        return [ValueError(f"odd {a}") if a % 2 else a * 10 for _, a in items]
+
+    gatherer: Gatherer[object, int, int] = Gatherer(run, window_s=30.0)
+    keys = [object() for _ in range(4)]
+    # the first burst: no previous flush to wait for, so it runs at once
+    first = await asyncio.wait_for(
+        asyncio.gather(
+            *(gatherer.submit(k, i) for i, k in enumerate(keys)), return_exceptions=True
+        ),
+        5,
+    )
+    assert first[0] == 0 and first[2] == 20
+    assert isinstance(first[1], ValueError) and str(first[3]) == "odd 3"
+    assert len(calls) == 1
+    # the same keys come back one by one: the flush waits for all of them, not 30 s
+    second = [asyncio.ensure_future(gatherer.submit(k, 2)) for k in keys[:3]]
+    await asyncio.sleep(0.05)
+    assert len(calls) == 1  # still waiting for the fourth key
+    gatherer.forget(keys[3])  # its sequence ended: no longer waited for
+    assert await asyncio.wait_for(asyncio.gather(*second), 5) == [20, 20, 20]
+    assert [len(c) for c in calls] == [4, 3]
+
+
+async def test_gatherer_fails_every_item_when_the_call_fails() -> None:
+    async def run(items: list[tuple[object, int]]) -> list[int]:
+        raise ConnectionError("down")
+
+    gatherer: Gatherer[object, int, int] = Gatherer(run, window_s=0.01)
+    outcomes = await asyncio.gather(
+        *(gatherer.submit(object(), i) for i in range(3)), return_exceptions=True
+    )
+    assert all(isinstance(o, ConnectionError) for o in outcomes)

@@ -130,6 +130,81 @@ async def test_concurrent_clients_of_one_server_get_their_solo_answers(
         await r.aclose()
 
 
+async def test_generations_sharing_a_remote_send_their_steps_together(
+    served: Served, cloud_model: LoadedModel, local_model: LoadedModel
+) -> None:
+    """One `SessionRemote`, four generations at once: their steps travel as one request
+    per token carrying only session ids, positions and the chosen tokens, and every
+    generation gets what it gets alone."""
+    secret = "My blood type is AB negative and I live at 9 Elm Street."
+    prompts = [PROMPT, "Describe my running habits.", "A haiku about shoes.", PROMPT]
+    contexts = [[*HISTORY, secret], HISTORY[:1], [secret], None]
+    solo = PersonalLLM(InProcessRemote(cloud_model, top_k=5), local_model)
+    want = [
+        (await solo.generate(p, context=c, max_new_tokens=10)).token_ids
+        for p, c in zip(prompts, contexts, strict=True)
+    ]
+    transport = Recording()
+    remote = SessionRemote(served.url, top_k=5, transport=transport)
+    llm = PersonalLLM(remote, local_model)
+    got = await asyncio.gather(
+        *(
+            llm.generate(p, context=c, max_new_tokens=10)
+            for p, c in zip(prompts, contexts, strict=True)
+        )
+    )
+    await remote.aclose()
+    assert [g.token_ids for g in got] == want
+
+    opened = [json.loads(b) for m, p, b in transport.requests if p == "/v1/sessions"]
+    batches = [json.loads(b)["steps"] for m, p, b in transport.requests if p == "/v1/steps"]
+    assert len(batches) >= 5 and max(len(b) for b in batches) == len(prompts)
+    singles = [p for _, p, _ in transport.requests if p.endswith("/advance")]
+    assert len(singles) + sum(len(b) for b in batches) == len(prompts) * 9
+    # every step is public: the session's prompt and tokens, in order, at their positions
+    public = {tuple(o["prompt_ids"]) for o in opened}
+    assert public == {tuple(PromptBuilder(local_model.tokenizer).encode(p)) for p in prompts}
+    by_session: dict[str, list[tuple[int, int]]] = {}
+    for batch in batches:
+        for step in batch:
+            assert set(step) == {"session_id", "position", "token_id"}
+            by_session.setdefault(step["session_id"], []).append(
+                (step["position"], step["token_id"])
+            )
+    chosen = {tuple(g.token_ids[:-1]) for g in got}
+    for steps in by_session.values():
+        positions = [p for p, _ in steps]
+        assert positions == list(range(positions[0], positions[0] + len(steps)))
+        assert any(c[-len(steps) :] == tuple(t for _, t in steps) for c in chosen)
+    everything = b"".join(b for _, _, b in transport.requests)
+    for word in (b"blood", b"Elm", b"negative", HISTORY[0].encode()):
+        assert word not in everything
+
+
+async def test_a_refused_step_fails_alone_in_a_batch(served: Served) -> None:
+    async with httpx.AsyncClient(base_url=served.url) as http:
+        sids = [
+            (await http.post("/v1/sessions", json={"prompt_ids": [1, 2, 3]})).json()["session_id"]
+            for _ in range(2)
+        ]
+        steps = [
+            {"session_id": sids[0], "position": 3, "token_id": 4},
+            {"session_id": sids[1], "position": 9, "token_id": 4},
+            {"session_id": "nope", "position": 3, "token_id": 4},
+        ]
+        r = await http.post("/v1/steps", json={"steps": steps})
+        assert r.status_code == 200
+        first, wrong_position, unknown = r.json()["results"]
+        assert first["state"]["position"] == 4 and first["error"] is None
+        assert wrong_position["error"]["status"] == 409 and wrong_position["state"] is None
+        assert unknown["error"]["status"] == 404
+        r = await http.post("/v1/steps", json={"steps": steps[:1]})  # a retry: same answer
+        assert r.json()["results"][0] == first
+        assert (await http.post("/v1/steps", json={"steps": []})).status_code == 422
+        for sid in sids:
+            await http.delete(f"/v1/sessions/{sid}")
+
+
 async def test_f16_full_distributions_keep_greedy_choices(
     served: Served, cloud_model: LoadedModel, local_model: LoadedModel
 ) -> None:
