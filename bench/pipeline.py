@@ -1,13 +1,15 @@
 """Pipelined vs sequential steps, and concurrent generations, against `costeer serve`.
 
-    python bench/pipeline.py [--tokens 32] [--delays 0 20 80]
+    python bench/pipeline.py [--tokens 32] [--delays 0 20 80] [--repeats 3] [--local SPEC]
 
 The cloud is `costeer serve` on loopback, in its own process (a small random Qwen2
-model plus an injected per-step delay standing in for network and cloud compute);
-the local side is a random Qwen2 model sized to take tens of milliseconds per
-two-branch step. The client runs in this process; all numbers come from one run, side
-by side. Concurrent generations share one `PersonalLLM`; they run twice, with their steps
-sent together (one request per token, the default) and one request per session and step.
+model plus an injected per-step delay standing in for network and cloud compute); the
+local side is a random Qwen2 model sized to take tens of milliseconds per two-branch
+step, or a real one (``--local builtin:qwen2.5-coder-0.5b-instruct``). The client runs
+in this process; all numbers come from one run, side by side: sequential and pipelined
+generations alternate ``--repeats`` times and the medians are printed. Concurrent
+generations share one `PersonalLLM`; they run twice, with their steps sent together
+(one request per token, the default) and with one request per session and step.
 
 The cloud is meant to be another machine, so by default the server is pinned to half
 of this machine's cores and the client to the other half (``--shared-cores`` lets both
@@ -21,6 +23,7 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,6 +39,7 @@ from tiny import make_model, make_tokenizer
 
 from costeer_sdk import LoadedModel, PersonalLLM
 from costeer_sdk.http_remote import SessionRemote
+from costeer_sdk.loading import load_model
 
 HISTORY = ["I ran ten miles in my new shoes.", "The grip is good on wet trails."] * 4
 PROMPT = "Write a short review of my new shoes."
@@ -78,30 +82,37 @@ def split_cores() -> set[int]:
 
 
 async def one_delay(
-    delay_s: float, tokens: int, local: LoadedModel, model_dir: Path, server_cores: set[int] | None
+    delay_s: float,
+    tokens: int,
+    repeats: int,
+    local: LoadedModel,
+    model_dir: Path,
+    server_cores: set[int] | None,
 ) -> None:
     proc, url = start_server(model_dir, delay_s, server_cores)
     try:
-        rows = {}
-        for pipelined in (False, True):
-            transport = Counting()
-            remote = SessionRemote(url, top_k=20, transport=transport)
-            llm = PersonalLLM(remote, local, pipelined=pipelined)
-            await llm.generate(PROMPT, context=HISTORY, max_new_tokens=2)  # warm-up
-            out = await llm.generate(PROMPT, context=HISTORY, max_new_tokens=tokens)
-            s = out.stats
-            rows[pipelined] = (s, transport.sent / s.steps, transport.received / s.steps)
-            await remote.aclose()
-        seq, pip = rows[False][0], rows[True][0]
-        remote_step = seq.remote_s / seq.steps  # measured without overlap
-        local_step = seq.local_s / seq.steps
-        step = pip.elapsed_s / pip.steps
+        per_step: dict[str, list[float]] = {"seq": [], "pipe": [], "remote": [], "local": []}
+        for _ in range(repeats):  # alternating, so a slow spell of the machine hits both
+            for pipelined in (False, True):
+                transport = Counting()
+                remote = SessionRemote(url, top_k=20, transport=transport)
+                llm = PersonalLLM(remote, local, pipelined=pipelined)
+                await llm.generate(PROMPT, context=HISTORY, max_new_tokens=2)  # warm-up
+                s = (await llm.generate(PROMPT, context=HISTORY, max_new_tokens=tokens)).stats
+                await remote.aclose()
+                per_step["pipe" if pipelined else "seq"].append(s.elapsed_s / s.steps)
+                if not pipelined:  # waits measured without overlap
+                    per_step["remote"].append(s.remote_s / s.steps)
+                    per_step["local"].append(s.local_s / s.steps)
+        seq, step, remote_step, local_step = (
+            statistics.median(per_step[k]) for k in ("seq", "pipe", "remote", "local")
+        )
         print(
-            f"{delay_s * 1e3:>6.0f} {seq.tokens_per_s:>9.2f} {pip.tokens_per_s:>9.2f} "
+            f"{delay_s * 1e3:>6.0f} {1 / seq:>9.2f} {1 / step:>9.2f} "
             f"{remote_step * 1e3:>8.1f} {local_step * 1e3:>8.1f} {step * 1e3:>8.1f} "
             f"{step / max(remote_step, local_step):>8.2f} "
             f"{step / (remote_step + local_step):>8.2f} "
-            f"{rows[True][1]:>7.0f} {rows[True][2]:>7.0f}"
+            f"{transport.sent / s.steps:>7.0f} {transport.received / s.steps:>7.0f}"
         )
         for coalesce in (True, False):
             concurrency = []
@@ -133,19 +144,28 @@ async def main() -> None:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--delays", type=float, nargs="+", default=[0, 20, 80])
     parser.add_argument(
+        "--repeats", type=int, default=3, help="sequential/pipelined pairs; medians printed"
+    )
+    parser.add_argument(
         "--shared-cores", action="store_true", help="server and client share all cores"
+    )
+    parser.add_argument(
+        "--local",
+        help="local model spec (default: a random Qwen2, 512 wide, 8 layers); the cloud "
+        "stays a small random model with the same tokenizer",
     )
     args = parser.parse_args()
     server_cores = None if args.shared_cores else split_cores()
-    tokenizer = make_tokenizer()
+    if args.local is None:
+        tokenizer = make_tokenizer()
+        local = make_model(tokenizer, seed=2, hidden=512, layers=8, name="qwen2 random 512x8")
+    else:
+        local = load_model(args.local)
+        tokenizer = local.tokenizer
     cloud = make_model(tokenizer, seed=1, hidden=64, layers=2, name="bench-cloud")
-    local = make_model(tokenizer, seed=2, hidden=512, layers=8, name="bench-local")
     cores = {"server": sorted(server_cores or []), "client": sorted(os.sched_getaffinity(0))}
-    print(
-        json.dumps(
-            {"tokens": args.tokens, "local": "qwen2 random 512x8", "top_k": 20, "cores": cores}
-        )
-    )
+    settings = {"tokens": args.tokens, "local": local.name, "top_k": 20, "cores": cores}
+    print(json.dumps(settings))
     scratch = tempfile.TemporaryDirectory()
     model_dir = Path(scratch.name) / "cloud"
     cloud.model.save_pretrained(model_dir)
@@ -155,7 +175,7 @@ async def main() -> None:
         f"{'/max':>8} {'/sum':>8} {'B out':>7} {'B in':>7}"
     )
     for delay in args.delays:
-        await one_delay(delay / 1e3, args.tokens, local, model_dir, server_cores)
+        await one_delay(delay / 1e3, args.tokens, args.repeats, local, model_dir, server_cores)
 
 
 if __name__ == "__main__":
