@@ -141,7 +141,8 @@ its answer arrives late: measured on one client core with a 20 ms remote, a step
 
 
 async def _give_turns(task: asyncio.Future[Any]) -> None:
-    """Let ``task`` run until it waits on I/O (or for a few turns at most)."""
+    """Yield to the event loop a few times (fewer if ``task`` finishes), so that ``task``
+    gets its request onto the wire before the caller starts computing."""
     for _ in range(REMOTE_HEAD_START_TURNS):
         if task.done():
             return
