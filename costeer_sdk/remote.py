@@ -150,6 +150,10 @@ class InProcessSession:
     def length(self) -> int:
         return len(self._tokens)
 
+    @property
+    def closed(self) -> bool:
+        return self._state is None
+
     async def prefill(self) -> NextTokenLogprobs:
         self._state, logits = await self._batcher.open([self._tokens])
         self._last = self._distribution(logits[0])

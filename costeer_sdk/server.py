@@ -92,14 +92,16 @@ def create_app(
         if not secrets.compare_digest(given.encode(), api_key.encode()):
             raise HTTPException(401, "missing or wrong API key", {"WWW-Authenticate": "Bearer"})
 
-    def expire() -> None:
+    async def expire() -> None:
         now = time.monotonic()
         for sid in [s for s, v in sessions.items() if now - v.last_used > session_ttl_s]:
-            del sessions[sid]
-            log.info("session.expired", session=sid)
+            session = sessions.pop(sid, None)
+            if session is not None:
+                await session.inner.close()  # frees its cache; passes stop waiting for it
+                log.info("session.expired", session=sid)
 
-    def find(session_id: str) -> _Session:
-        expire()
+    async def find(session_id: str) -> _Session:
+        await expire()
         session = sessions.get(session_id)
         if session is None:
             raise HTTPException(404, f"unknown or expired session {session_id!r}")
@@ -111,6 +113,7 @@ def create_app(
         version="1",
         description="Next-token log-probs for CoSteer clients (session protocol).",
     )
+    app.state.sessions = sessions  # for operators' introspection and tests
     app.add_middleware(_BodyLimit, limit=max_body_bytes)
     app.include_router(
         openai_router(model, model_name or model.name), dependencies=[Depends(authorize)]
@@ -126,7 +129,7 @@ def create_app(
 
     @app.post("/v1/sessions", status_code=201, dependencies=[Depends(authorize)])
     async def create(body: SessionCreate) -> SessionState:
-        expire()
+        await expire()
         if len(sessions) >= max_sessions:
             raise HTTPException(429, f"session limit ({max_sessions}) reached; retry later")
         if len(body.prompt_ids) >= model.window:
@@ -144,7 +147,7 @@ def create_app(
 
     async def apply(session_id: str, step: SessionAdvance) -> SessionState:
         """One advance, without the emulated latency; HTTPException if it is refused."""
-        session = find(session_id)
+        session = await find(session_id)
         async with session.lock:
             if step.position + 1 >= model.window:
                 raise HTTPException(422, "the session has reached the model's window")

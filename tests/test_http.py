@@ -321,7 +321,8 @@ async def test_bad_requests_get_clear_4xx_and_the_server_survives(
 
 
 async def test_api_key_session_cap_and_ttl(cloud_model: LoadedModel) -> None:
-    server = Served(create_app(cloud_model, api_key="s3cret", max_sessions=2, session_ttl_s=0.5))
+    app = create_app(cloud_model, api_key="s3cret", max_sessions=2, session_ttl_s=0.5)
+    server = Served(app)
     try:
         async with httpx.AsyncClient(base_url=server.url) as http:
             assert (await http.get("/v1/info")).status_code == 401
@@ -334,12 +335,15 @@ async def test_api_key_session_cap_and_ttl(cloud_model: LoadedModel) -> None:
                 for _ in range(3)
             ]
             assert [r.status_code for r in opened] == [201, 201, 429]
-            await asyncio.sleep(0.7)
             sid = opened[0].json()["session_id"]
+            inner = app.state.sessions[sid].inner
+            await asyncio.sleep(0.7)
+            assert not inner.closed
             r = await http.post(
                 f"/v1/sessions/{sid}/advance", json={"position": 2, "token_id": 1}, headers=auth
             )
             assert r.status_code == 404  # expired
+            assert inner.closed  # and its cache released, not just forgotten
             r = await http.post("/v1/sessions", json={"prompt_ids": [1, 2]}, headers=auth)
             assert r.status_code == 201  # expired sessions freed their places
         remote = SessionRemote(server.url)
