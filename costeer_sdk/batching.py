@@ -113,6 +113,14 @@ def _cache_of(layers: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCac
     return cache
 
 
+def _truncate(cache: DynamicCache, length: int) -> None:
+    """Cut every layer holding more than ``length`` positions back to ``length``."""
+    layers: list[Any] = list(cache.layers)
+    for layer in layers:
+        if getattr(layer, "is_initialized", False) and layer.get_seq_length() > length:
+            layer.crop(length - layer.get_seq_length())  # a negative crop removes tokens
+
+
 def _mergeable(state: KVState) -> bool:
     """Plain per-layer key/value tensors (not sliding-window or recurrent layers)."""
     return state.batch is not None or all(
@@ -263,8 +271,13 @@ class StepBatcher:
         """One pass appending ``tokens`` (one per row) to ``state``'s cache."""
         device = self.model.device
         ids = torch.tensor(tokens, device=device)[:, None]
+        length = state.attention_mask.shape[-1]
         mask = state.attention_mask
         mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
-        logits = self._forward(ids, mask, state.next_positions, state.cache)
+        try:
+            logits = self._forward(ids, mask, state.next_positions, state.cache)
+        except BaseException:
+            _truncate(state.cache, length)  # the layers that took the token give it back
+            raise
         state.attention_mask, state.next_positions = mask, state.next_positions + 1
         return logits

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 import torch
 
 from costeer_sdk import InProcessRemote, LoadedModel
@@ -118,3 +119,40 @@ async def test_gatherer_fails_every_item_when_the_call_fails() -> None:
         *(gatherer.submit(object(), i) for i in range(3)), return_exceptions=True
     )
     assert all(isinstance(o, ConnectionError) for o in outcomes)
+
+
+async def test_a_pass_that_fails_midway_leaves_the_session_as_it_was(
+    cloud_model: LoadedModel,
+) -> None:
+    """A pass that dies in its second layer (as on running out of memory) must not leave
+    the first layer one token ahead: the retried step answers as if it never failed."""
+    prompt, tokens = PROMPTS[0], [40, 41, 42]
+    clean = InProcessRemote(cloud_model, batch_sessions=False)
+    session, _ = await clean.open_session(prompt)
+    for i, t in enumerate(tokens[:-1]):
+        await session.advance(t, len(prompt) + i)
+    want = await session.advance(tokens[-1], len(prompt) + len(tokens) - 1)
+    await session.close()
+
+    faulty = InProcessRemote(cloud_model, batch_sessions=False)
+    session, _ = await faulty.open_session(prompt)
+    await session.advance(tokens[0], len(prompt))
+    armed = [True]
+
+    def fail_once(module: torch.nn.Module, args: object) -> None:
+        if armed[0]:
+            armed[0] = False
+            raise RuntimeError("out of memory")
+
+    layers = cloud_model.model.model.layers
+    assert len(layers) >= 2
+    hook = layers[1].register_forward_pre_hook(fail_once)
+    try:
+        with pytest.raises(RuntimeError, match="out of memory"):
+            await session.advance(tokens[1], len(prompt) + 1)
+    finally:
+        hook.remove()
+    await session.advance(tokens[1], len(prompt) + 1)  # the retry
+    got = await session.advance(tokens[2], len(prompt) + 2)
+    await session.close()
+    assert torch.equal(got.logprobs, want.logprobs)
