@@ -179,9 +179,8 @@ class StepBatcher:
 
     def __init__(self, model: LoadedModel, *, enabled: bool = True, window_s: float = 0.02):
         self.model = model
-        self.enabled = enabled
         self._steps: Gatherer[KVState, int, torch.Tensor] = Gatherer(
-            self._run_steps, window_s=window_s
+            self._run_steps, window_s=window_s, enabled=enabled
         )
 
     async def open(self, rows: Sequence[Sequence[int]]) -> tuple[KVState, torch.Tensor]:
@@ -191,8 +190,6 @@ class StepBatcher:
 
     async def step(self, state: KVState, token_id: int) -> torch.Tensor:
         """Append ``token_id`` to every row of ``state``; return next-token logits."""
-        if not self.enabled:
-            return (await self._run_steps([(state, token_id)]))[0]
         return await self._steps.submit(state, token_id)
 
     def release(self, state: KVState) -> None:

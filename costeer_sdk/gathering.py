@@ -34,13 +34,16 @@ class Gatherer(Generic[K, A, R]):
             exception raised by ``run`` fails them all.
         window_s: how long a flush may wait for the keys of the previous flush. A key
             that misses one flush is not waited for until it is in one again.
+        enabled: False runs every call on its own, at once (for comparison, or where
+            gathering does not pay).
 
     Keys are compared by identity.
     """
 
-    def __init__(self, run: Run[K, A, R], *, window_s: float) -> None:
+    def __init__(self, run: Run[K, A, R], *, window_s: float, enabled: bool = True) -> None:
         self._run = run
         self.window_s = window_s
+        self.enabled = enabled
         self._pending: list[tuple[K, A, asyncio.Future[R]]] = []
         self._expected: list[K] = []  # the last flush's keys, minus forgotten ones
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -49,6 +52,11 @@ class Gatherer(Generic[K, A, R]):
 
     async def submit(self, key: K, argument: A) -> R:
         """Queue one call and wait for its result."""
+        if not self.enabled:
+            result = (await self._run([(key, argument)]))[0]
+            if isinstance(result, BaseException):
+                raise result
+            return result
         loop = asyncio.get_running_loop()
         if loop is not self._loop:  # first use, or a new event loop
             self._loop, self._all_in = loop, asyncio.Event()

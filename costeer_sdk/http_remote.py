@@ -152,9 +152,8 @@ class SessionRemote(HTTPRemote):
         super().__init__(base_url, **options)
         self.top_k = top_k
         self.encoding = encoding
-        self.coalesce = coalesce
         self._steps: Gatherer[HTTPSession, SessionAdvance, NextTokenLogprobs] = Gatherer(
-            self._send_steps, window_s=coalesce_window_s
+            self._send_steps, window_s=coalesce_window_s, enabled=coalesce
         )
 
     async def describe(self) -> RemoteInfo:
@@ -172,14 +171,6 @@ class SessionRemote(HTTPRemote):
         body = {"prompt_ids": list(prompt_ids), "top_k": self.top_k, "encoding": self.encoding}
         state = _parse(SessionState, await self._request("POST", "/v1/sessions", body))
         return HTTPSession(self, state.session_id), decode(state.next)
-
-    async def _step(self, session: HTTPSession, step: SessionAdvance) -> NextTokenLogprobs:
-        if self.coalesce:
-            return await self._steps.submit(session, step)
-        outcome = (await self._send_steps([(session, step)]))[0]
-        if isinstance(outcome, BaseException):
-            raise outcome
-        return outcome
 
     async def _send_steps(
         self, items: list[tuple[HTTPSession, SessionAdvance]]
@@ -221,7 +212,8 @@ class HTTPSession:
         self.session_id = session_id
 
     async def advance(self, token_id: int, position: int) -> NextTokenLogprobs:
-        return await self.remote._step(self, SessionAdvance(position=position, token_id=token_id))
+        step = SessionAdvance(position=position, token_id=token_id)
+        return await self.remote._steps.submit(self, step)
 
     async def close(self) -> None:
         self.remote._steps.forget(self)
