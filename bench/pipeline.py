@@ -127,12 +127,14 @@ async def one_delay(
                     )
                 )
                 elapsed = time.perf_counter() - start
-                concurrency.append((n, sum(len(o.token_ids) for o in outs) / elapsed))
+                generated = sum(len(o.token_ids) for o in outs)
+                concurrency.append((n, generated / elapsed))
                 await remote.aclose()
             base = concurrency[0][1]
             print(
                 f"        concurrent, {'one request per token' if coalesce else 'per session'}: "
                 + ", ".join(f"{n} -> {tps:.1f} tok/s ({tps / base:.2f}x)" for n, tps in concurrency)
+                + f"; {generated / n:.0f} tokens per generation (EOS may end it early)"
             )
     finally:
         proc.kill()
