@@ -134,7 +134,7 @@ async def one_delay(
             print(
                 f"        concurrent, {'one request per token' if coalesce else 'per session'}: "
                 + ", ".join(f"{n} -> {tps:.1f} tok/s ({tps / base:.2f}x)" for n, tps in concurrency)
-                + f"; {generated / n:.0f} tokens per generation (EOS may end it early)"
+                + f"; {generated / n:.0f} tokens per generation"
             )
     finally:
         proc.kill()
@@ -165,6 +165,8 @@ async def main() -> None:
         local = load_model(args.local)
         tokenizer = local.tokenizer
     cloud = make_model(tokenizer, seed=1, hidden=64, layers=2, name="bench-cloud")
+    with torch.no_grad():  # a zero logit is never in the top-20: generations run to --tokens
+        cloud.model.lm_head.weight[sorted(local.eos_token_ids)] = 0.0
     cores = {"server": sorted(server_cores or []), "client": sorted(os.sched_getaffinity(0))}
     settings = {"tokens": args.tokens, "local": local.name, "top_k": 20, "cores": cores}
     print(json.dumps(settings))
