@@ -66,6 +66,27 @@ class _GrowingLayer(DynamicLayer):
 
     _buffers: tuple[torch.Tensor, torch.Tensor] | None = None
 
+    @classmethod
+    def around(cls, keys: torch.Tensor, values: torch.Tensor, length: int) -> _GrowingLayer:
+        """A layer holding the first ``length`` positions of these buffers, growing into
+        the rest of them (no copy)."""
+        layer = cls()
+        layer.lazy_initialization(keys, values)
+        layer._buffers = (keys, values)
+        layer.keys, layer.values = keys[..., :length, :], values[..., :length, :]
+        return layer
+
+    def rows(self, where: slice, pad: int) -> _GrowingLayer:
+        """Rows ``where`` without their first ``pad`` positions, as a layer of their own
+        that grows in place in this layer's buffers (no copy; the buffers live on until
+        every such layer is gone)."""
+        assert self.keys is not None and self.values is not None
+        buffers = self._buffers
+        if buffers is None or buffers[0].data_ptr() != self.keys.data_ptr():
+            buffers = (self.keys, self.values)  # no headroom: its next step copies
+        length = self.keys.shape[-2] - pad
+        return _GrowingLayer.around(buffers[0][where, :, pad:], buffers[1][where, :, pad:], length)
+
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,10 +127,9 @@ def _key_values(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(layer.keys, layer.values) for layer in layers]
 
 
-def _cache_of(layers: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+def _cache_of(layers: Sequence[_GrowingLayer]) -> DynamicCache:
     cache = new_cache()
-    for index, (keys, values) in enumerate(layers):
-        cache.update(keys, values, index)
+    cache.layers.extend(layers)
     return cache
 
 
@@ -132,7 +152,8 @@ def _mergeable(state: KVState) -> bool:
 
 
 def _merge(states: list[KVState]) -> _Batch:
-    """One left-padded batch of the states' own caches (each copied once)."""
+    """One left-padded batch of the states' own caches (each copied once, into buffers
+    with room to grow)."""
     width = max(s.attention_mask.shape[-1] for s in states)
     pads = [width - s.attention_mask.shape[-1] for s in states]
     starts = list(itertools.accumulate((s.attention_mask.shape[0] for s in states), initial=0))
@@ -144,11 +165,13 @@ def _merge(states: list[KVState]) -> _Batch:
         merged = []
         for which in (0, 1):  # keys, values
             first = per_state[0][which]
-            out = first.new_zeros((starts[-1], first.shape[1], width, first.shape[3]))
+            # room to grow as the layer itself would (doubling), so the next steps copy nothing
+            out = first.new_empty((starts[-1], first.shape[1], 2 * width, first.shape[3]))
             for kv, where, pad in zip(per_state, rows, pads, strict=True):
-                out[where, :, pad:] = kv[which]
+                out[where, :, :pad] = 0  # masked, but must not be NaN
+                out[where, :, pad:width] = kv[which]
             merged.append(out)
-        layers.append((merged[0], merged[1]))
+        layers.append(_GrowingLayer.around(merged[0], merged[1], width))
     positions = torch.cat([s.next_positions for s in states])
     batch = _Batch(states, rows, pads, _cache_of(layers), mask, positions)
     for s in states:
@@ -158,9 +181,9 @@ def _merge(states: list[KVState]) -> _Batch:
 
 def _split(batch: _Batch) -> None:
     """Give every member its own cache, mask and positions back; the batch is gone."""
-    layers = _key_values(batch.cache)
+    layers: list[_GrowingLayer] = list(batch.cache.layers)  # type: ignore[arg-type]
     for s, where, pad in zip(batch.members, batch.rows, batch.pads, strict=True):
-        s.cache = _cache_of([(k[where, :, pad:], v[where, :, pad:]) for k, v in layers])
+        s.cache = _cache_of([layer.rows(where, pad) for layer in layers])
         s.attention_mask = batch.attention_mask[where, pad:]
         s.next_positions = batch.next_positions[where]
         s.batch = None
