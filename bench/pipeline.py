@@ -160,11 +160,13 @@ async def main() -> None:
     server_cores = None if args.shared_cores else split_cores()
     if args.local is None:
         tokenizer = make_tokenizer()
-        local = make_model(tokenizer, seed=2, hidden=512, layers=8, name="qwen2 random 512x8")
+        local = make_model(
+            tokenizer, seed=2, hidden=512, layers=8, window=4096, name="qwen2 random 512x8"
+        )
     else:
         local = load_model(args.local)
         tokenizer = local.tokenizer
-    cloud = make_model(tokenizer, seed=1, hidden=64, layers=2, name="bench-cloud")
+    cloud = make_model(tokenizer, seed=1, hidden=64, layers=2, window=4096, name="bench-cloud")
     with torch.no_grad():  # a zero logit is never in the top-20: generations run to --tokens
         cloud.model.lm_head.weight[sorted(local.eos_token_ids)] = 0.0
     cores = {"server": sorted(server_cores or []), "client": sorted(os.sched_getaffinity(0))}
