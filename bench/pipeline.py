@@ -1,6 +1,7 @@
 """Pipelined vs sequential steps, and concurrent generations, against `costeer serve`.
 
     python bench/pipeline.py [--tokens 32] [--delays 0 20 80] [--repeats 3] [--local SPEC]
+        [--local-dtype float32|bfloat16]
 
 The cloud is `costeer serve` on loopback, in its own process (a small random Qwen2
 model plus an injected per-step delay standing in for network and cloud compute); the
@@ -156,21 +157,30 @@ async def main() -> None:
         help="local model spec (default: a random Qwen2, 512 wide, 8 layers); the cloud "
         "stays a small random model with the same tokenizer",
     )
+    parser.add_argument(
+        "--local-dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="the local model's dtype (bfloat16 runs on AMX units where the CPU has them)",
+    )
     args = parser.parse_args()
     server_cores = None if args.shared_cores else split_cores()
+    dtype = getattr(torch, args.local_dtype)
     if args.local is None:
         tokenizer = make_tokenizer()
         local = make_model(
             tokenizer, seed=2, hidden=512, layers=8, window=4096, name="qwen2 random 512x8"
         )
+        local.model.to(dtype)
     else:
-        local = load_model(args.local)
+        local = load_model(args.local, dtype=dtype)
         tokenizer = local.tokenizer
     cloud = make_model(tokenizer, seed=1, hidden=64, layers=2, window=4096, name="bench-cloud")
     with torch.no_grad():  # a zero logit is never in the top-20: generations run to --tokens
         cloud.model.lm_head.weight[sorted(local.eos_token_ids)] = 0.0
     cores = {"server": sorted(server_cores or []), "client": sorted(os.sched_getaffinity(0))}
-    settings = {"tokens": args.tokens, "local": local.name, "top_k": 20, "cores": cores}
+    settings = {"tokens": args.tokens, "local": local.name, "local dtype": args.local_dtype}
+    settings |= {"top_k": 20, "cores": cores}
     print(json.dumps(settings))
     scratch = tempfile.TemporaryDirectory()
     model_dir = Path(scratch.name) / "cloud"

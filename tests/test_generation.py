@@ -460,3 +460,16 @@ async def test_generations_leaving_and_joining_a_batch_match_solo_runs(
     batched = [n for n in local.batch_sizes if n > 1]
     assert len(batched) >= 6, local.batch_sizes
     assert 2 <= local.merges < len(batched), (local.merges, local.batch_sizes)
+
+
+async def test_from_models_loads_both_models_in_the_dtype_asked(model_dirs: list[str]) -> None:
+    cloud, local = model_dirs
+    wide = PersonalLLM.from_models(cloud, local, progress=False)
+    narrow = PersonalLLM.from_models(cloud, local, dtype=torch.bfloat16, progress=False)
+    async with wide, narrow:
+        assert {p.dtype for m in narrow._owned for p in m.model.parameters()} == {torch.bfloat16}
+        a = await wide.generate(PROMPT, context=HISTORY, max_new_tokens=12)
+        b = await narrow.generate(PROMPT, context=HISTORY, max_new_tokens=12)
+    assert b.steered and len(b.token_ids) == len(a.token_ids) == 12
+    # bfloat16 keeps 8 bits of mantissa: the greedy path may drift, but not from the start
+    assert a.token_ids[:2] == b.token_ids[:2]
