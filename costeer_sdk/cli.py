@@ -52,6 +52,15 @@ def main(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
 
 
+DTYPE = click.option(
+    "--dtype",
+    type=click.Choice(["float32", "bfloat16"]),
+    default="float32",
+    show_default=True,
+    help="Model weights and activations; bfloat16 is fast on CPUs with AMX.",
+)
+
+
 @main.command()
 @click.option("--cloud", default=DEFAULT_CLOUD, show_default=True, help="Cloud model spec.")
 @click.option(
@@ -67,16 +76,27 @@ def main(verbose: bool) -> None:
 )
 @click.option("--max-new-tokens", default=96, show_default=True)
 @click.option("--beta", default=SteeringConfig.beta, show_default=True, help="Steering strength.")
+@DTYPE
 def demo(
-    cloud: str, local_: str, prompt: str, history: Path, max_new_tokens: int, beta: float
+    cloud: str,
+    local_: str,
+    prompt: str,
+    history: Path,
+    max_new_tokens: int,
+    beta: float,
+    dtype: str,
 ) -> None:
     """Print the cloud-only answer and the CoSteer answer side by side."""
+    import torch
+
     from costeer_sdk.client import PersonalLLM
 
     records = _read_history(history)
 
     async def run() -> None:
-        async with PersonalLLM.from_models(cloud, local_, SteeringConfig(beta=beta)) as llm:
+        steering = SteeringConfig(beta=beta)
+        weights = getattr(torch, dtype)
+        async with PersonalLLM.from_models(cloud, local_, steering, dtype=weights) as llm:
             click.echo(
                 f"\nPrompt: {prompt}\nPrivate history: {len(records)} records from {history}\n"
             )
@@ -114,6 +134,7 @@ def demo(
 @click.option(
     "--step-delay", default=0.0, hidden=True, help="Added latency per answer (benchmarks)."
 )
+@DTYPE
 def serve(
     model: str,
     host: str,
@@ -122,8 +143,11 @@ def serve(
     max_sessions: int,
     session_ttl: float,
     step_delay: float,
+    dtype: str,
 ) -> None:
     """Serve a cloud model over HTTP (the session protocol; see /docs)."""
+    import torch
+
     from costeer_sdk.server import serve as run_server
 
     run_server(
@@ -134,6 +158,7 @@ def serve(
         max_sessions=max_sessions,
         session_ttl_s=session_ttl,
         step_delay_s=step_delay,
+        dtype=getattr(torch, dtype),
     )
 
 

@@ -17,6 +17,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+import torch
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -208,6 +209,7 @@ def serve(
     max_sessions: int = 64,
     session_ttl_s: float = 600.0,
     step_delay_s: float = 0.0,
+    dtype: torch.dtype = torch.float32,
 ) -> None:
     """Load ``model_spec`` and serve it with uvicorn until interrupted."""
     import uvicorn
@@ -215,7 +217,7 @@ def serve(
     from costeer_sdk.loading import load_model
 
     app = create_app(
-        load_model(model_spec),
+        load_model(model_spec, dtype=dtype),
         api_key=api_key,
         max_sessions=max_sessions,
         session_ttl_s=session_ttl_s,

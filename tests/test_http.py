@@ -417,3 +417,31 @@ async def test_server_killed_mid_generation_then_restarted(
         proc.kill()
         proc.wait()
         await remote.aclose()
+
+
+async def test_costeer_serve_dtype_bfloat16_serves_bfloat16_log_probs(
+    cloud_model: LoadedModel, local_model: LoadedModel, tmp_path: Path
+) -> None:
+    model_dir = tmp_path / "cloud"
+    cloud_model.model.save_pretrained(model_dir)
+    cloud_model.tokenizer.save_pretrained(model_dir)
+    sock = free_socket()
+    port = sock.getsockname()[1]
+    sock.close()
+    proc = start_costeer_serve(model_dir, port, "--dtype", "bfloat16")
+    remote = SessionRemote(f"http://127.0.0.1:{port}", top_k=None)
+    prompt = PromptBuilder(local_model.tokenizer).encode(PROMPT)
+    try:
+        session, served = await remote.open_session(prompt)
+        await session.close()
+        out = await PersonalLLM(remote, local_model).generate(
+            PROMPT, context=HISTORY, max_new_tokens=8
+        )
+    finally:
+        await remote.aclose()
+        proc.kill()
+        proc.wait()
+    _, wide = await InProcessRemote(cloud_model).open_session(prompt)
+    gap = (served.logprobs - wide.logprobs).abs().max()
+    assert 0 < gap < 0.2  # bfloat16's rounding, not another model
+    assert out.steered and out.token_ids  # and a float32 client steers with them
