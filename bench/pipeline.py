@@ -35,7 +35,7 @@ import httpx
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from test_http import free_socket, start_costeer_serve
+from test_http import free_port, saved, start_costeer_serve
 from tiny import make_model, make_tokenizer
 
 from costeer_sdk import LoadedModel, PersonalLLM
@@ -63,9 +63,7 @@ def start_server(
     model_dir: Path, delay_s: float, cores: set[int] | None
 ) -> tuple[subprocess.Popen[bytes], str]:
     """`costeer serve` in its own process, as a cloud would be."""
-    sock = free_socket()
-    port = sock.getsockname()[1]
-    sock.close()
+    port = free_port()
     options = ("--step-delay", str(delay_s), "--max-sessions", "64")
     proc = start_costeer_serve(model_dir, port, *options, cores=cores)
     return proc, f"http://127.0.0.1:{port}"
@@ -183,9 +181,7 @@ async def main() -> None:
     settings |= {"top_k": 20, "cores": cores}
     print(json.dumps(settings))
     scratch = tempfile.TemporaryDirectory()
-    model_dir = Path(scratch.name) / "cloud"
-    cloud.model.save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+    model_dir = saved(cloud, Path(scratch.name) / "cloud")
     print(
         f"{'delay':>6} {'seq t/s':>9} {'pipe t/s':>9} {'remote':>8} {'local':>8} {'step':>8} "
         f"{'/max':>8} {'/sum':>8} {'B out':>7} {'B in':>7}"

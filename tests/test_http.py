@@ -357,6 +357,20 @@ async def test_api_key_session_cap_and_ttl(cloud_model: LoadedModel) -> None:
         server.stop()
 
 
+def free_port() -> int:
+    sock = free_socket()
+    port: int = sock.getsockname()[1]
+    sock.close()
+    return port
+
+
+def saved(model: LoadedModel, directory: Path) -> Path:
+    """``model`` and its tokenizer as a model directory, which `costeer serve` loads."""
+    model.model.save_pretrained(directory)
+    model.tokenizer.save_pretrained(directory)
+    return directory
+
+
 def start_costeer_serve(
     model_dir: Path, sock_port: int, *options: str, cores: set[int] | None = None
 ) -> subprocess.Popen[bytes]:
@@ -390,12 +404,7 @@ def start_costeer_serve(
 async def test_server_killed_mid_generation_then_restarted(
     cloud_model: LoadedModel, local_model: LoadedModel, tmp_path: Path
 ) -> None:
-    model_dir = tmp_path / "cloud"
-    cloud_model.model.save_pretrained(model_dir)
-    cloud_model.tokenizer.save_pretrained(model_dir)
-    sock = free_socket()
-    port = sock.getsockname()[1]
-    sock.close()
+    model_dir, port = saved(cloud_model, tmp_path / "cloud"), free_port()
     proc = start_costeer_serve(model_dir, port, "--step-delay", "0.05")
     remote = SessionRemote(f"http://127.0.0.1:{port}", retries=1, backoff_s=0.01, timeout_s=5)
     llm = PersonalLLM(remote, local_model)
@@ -422,12 +431,7 @@ async def test_server_killed_mid_generation_then_restarted(
 async def test_costeer_serve_dtype_bfloat16_serves_bfloat16_log_probs(
     cloud_model: LoadedModel, local_model: LoadedModel, tmp_path: Path
 ) -> None:
-    model_dir = tmp_path / "cloud"
-    cloud_model.model.save_pretrained(model_dir)
-    cloud_model.tokenizer.save_pretrained(model_dir)
-    sock = free_socket()
-    port = sock.getsockname()[1]
-    sock.close()
+    model_dir, port = saved(cloud_model, tmp_path / "cloud"), free_port()
     proc = start_costeer_serve(model_dir, port, "--dtype", "bfloat16")
     remote = SessionRemote(f"http://127.0.0.1:{port}", top_k=None)
     prompt = PromptBuilder(local_model.tokenizer).encode(PROMPT)
