@@ -157,10 +157,7 @@ class SessionRemote(HTTPRemote):
         )
 
     async def describe(self) -> RemoteInfo:
-        try:
-            info = Info.model_validate(await self._request("GET", "/v1/info"))
-        except ValidationError as exc:
-            raise RemoteProtocolError(f"malformed /v1/info answer: {exc}") from exc
+        info = _parse(Info, await self._request("GET", "/v1/info"), "/v1/info")
         return RemoteInfo(
             info.model, info.vocab_size, info.max_sequence_length, info.tokenizer_fingerprint
         )
@@ -169,7 +166,8 @@ class SessionRemote(HTTPRemote):
         self, prompt_ids: Sequence[int]
     ) -> tuple[HTTPSession, NextTokenLogprobs]:
         body = {"prompt_ids": list(prompt_ids), "top_k": self.top_k, "encoding": self.encoding}
-        state = _parse(SessionState, await self._request("POST", "/v1/sessions", body))
+        answer = await self._request("POST", "/v1/sessions", body)
+        state = _parse(SessionState, answer, "/v1/sessions")
         return HTTPSession(self, state.session_id), decode(state.next)
 
     async def _send_steps(
@@ -179,12 +177,15 @@ class SessionRemote(HTTPRemote):
         if len(items) == 1:
             session, step = items[0]
             path = f"/v1/sessions/{session.session_id}/advance"
-            state = _parse(SessionState, await self._request("POST", path, step.model_dump()))
+            answer = await self._request("POST", path, step.model_dump())
+            state = _parse(SessionState, answer, path)
             return [_next_after(state, step)]
         body = StepBatch(
             steps=[SessionStep(session_id=s.session_id, **step.model_dump()) for s, step in items]
         )
-        answer = _parse(StepResults, await self._request("POST", "/v1/steps", body.model_dump()))
+        answer = _parse(
+            StepResults, await self._request("POST", "/v1/steps", body.model_dump()), "/v1/steps"
+        )
         if len(answer.results) != len(items):
             raise RemoteProtocolError(
                 f"{len(answer.results)} results for {len(items)} steps from {self.base_url}"
@@ -234,8 +235,9 @@ def _next_after(state: SessionState, step: SessionAdvance) -> NextTokenLogprobs:
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
-def _parse(kind: type[ModelT], payload: Any) -> ModelT:
+def _parse(kind: type[ModelT], payload: Any, route: str) -> ModelT:
+    """``payload`` as a ``kind``; RemoteProtocolError naming ``route`` if it is not one."""
     try:
         return kind.model_validate(payload)
     except ValidationError as exc:
-        raise RemoteProtocolError(f"malformed answer: {exc.errors()[:2]}") from exc
+        raise RemoteProtocolError(f"malformed {route} answer: {exc.errors()[:2]}") from exc
