@@ -1,12 +1,13 @@
 """Pipelined vs sequential steps, and concurrent generations, against `costeer serve`.
 
     python bench/pipeline.py [--tokens 32] [--delays 0 20 80] [--repeats 3] [--local SPEC]
-        [--local-dtype float32|bfloat16]
+        [--local-dtype auto|float32|bfloat16]
 
 The cloud is `costeer serve` on loopback, in its own process (a small random Qwen2
 model plus an injected per-step delay standing in for network and cloud compute); the
-local side is a random Qwen2 model sized to take tens of milliseconds per two-branch
-step, or a real one (``--local builtin:qwen2.5-coder-0.5b-instruct``). The client runs
+local side is the default local model in the default dtype (``--local random``: a
+random Qwen2 of 512 x 8 layers with a 320-token vocabulary, tens of milliseconds per
+two-branch step, for quick runs). The client runs
 in this process; all numbers come from one run, side by side: sequential and pipelined
 generations alternate ``--repeats`` times and the medians are printed. Concurrent
 generations share one `PersonalLLM`; they run twice, with their steps sent together
@@ -39,8 +40,9 @@ from test_http import free_port, saved, start_costeer_serve
 from tiny import make_model, make_tokenizer
 
 from costeer_sdk import LoadedModel, PersonalLLM
+from costeer_sdk.builtins import DEFAULT_LOCAL
 from costeer_sdk.http_remote import SessionRemote
-from costeer_sdk.loading import load_model
+from costeer_sdk.loading import load_model, resolve_dtype
 
 HISTORY = ["I ran ten miles in my new shoes.", "The grip is good on wet trails."] * 4
 PROMPT = "Write a short review of my new shoes."
@@ -152,32 +154,33 @@ async def main() -> None:
     )
     parser.add_argument(
         "--local",
-        help="local model spec (default: a random Qwen2, 512 wide, 8 layers); the cloud "
-        "stays a small random model with the same tokenizer",
+        default=DEFAULT_LOCAL,
+        help="local model spec, or 'random' (a random Qwen2, 512 wide, 8 layers); the "
+        "cloud stays a small random model with the same tokenizer",
     )
     parser.add_argument(
         "--local-dtype",
-        choices=["float32", "bfloat16"],
-        default="float32",
-        help="the local model's dtype (bfloat16 runs on AMX units where the CPU has them)",
+        choices=["auto", "float32", "bfloat16"],
+        default="auto",
+        help="the local model's dtype (auto: bfloat16 where the CPU has AMX units)",
     )
     args = parser.parse_args()
     server_cores = None if args.shared_cores else split_cores()
-    dtype = getattr(torch, args.local_dtype)
-    if args.local is None:
+    dtype = resolve_dtype(args.local_dtype)
+    if args.local == "random":
         tokenizer = make_tokenizer()
         local = make_model(
             tokenizer, seed=2, hidden=512, layers=8, window=4096, name="qwen2 random 512x8"
         )
         local.model.to(dtype)
     else:
-        local = load_model(args.local, dtype=dtype)
+        local = load_model(args.local, dtype=dtype, progress=False)
         tokenizer = local.tokenizer
     cloud = make_model(tokenizer, seed=1, hidden=64, layers=2, window=4096, name="bench-cloud")
     with torch.no_grad():  # a zero logit is never in the top-20: generations run to --tokens
         cloud.model.lm_head.weight[sorted(local.eos_token_ids)] = 0.0
     cores = {"server": sorted(server_cores or []), "client": sorted(os.sched_getaffinity(0))}
-    settings = {"tokens": args.tokens, "local": local.name, "local dtype": args.local_dtype}
+    settings = {"tokens": args.tokens, "local": local.name, "local dtype": str(dtype)}
     settings |= {"top_k": 20, "cores": cores}
     print(json.dumps(settings))
     scratch = tempfile.TemporaryDirectory()

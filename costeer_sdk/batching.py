@@ -8,7 +8,8 @@ are merged into one left-padded cache, which stays merged from pass to pass whil
 same sequences keep stepping together (no copying beyond the cache's own growth) and is
 split up again when that set changes. Which steps arrive together is
 `gathering.Gatherer`'s business; every pass runs on the model's worker thread
-(`LoadedModel.run`), never on the event loop.
+(`LoadedModel.run`), never on the event loop. A step that will need only a few tokens'
+logits can skip the projection onto the vocabulary (`readout`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from costeer_sdk.gathering import Gatherer
-from costeer_sdk.runtime import LoadedModel
+from costeer_sdk.readout import NextTokenScores, output_head
+from costeer_sdk.runtime import LoadedModel, cache_argument
 
 __all__ = ["KVState", "StepBatcher"]
 
@@ -202,39 +204,65 @@ class StepBatcher:
 
     def __init__(self, model: LoadedModel, *, enabled: bool = True, window_s: float = 0.02):
         self.model = model
-        self._steps: Gatherer[KVState, int, torch.Tensor] = Gatherer(
+        self._steps: Gatherer[KVState, tuple[int, bool], NextTokenScores] = Gatherer(
             self._run_steps, window_s=window_s, enabled=enabled
         )
+        self._head: tuple[torch.nn.Module, torch.nn.Linear] | None = None
+        self._head_checked = False
 
     async def open(self, rows: Sequence[Sequence[int]]) -> tuple[KVState, torch.Tensor]:
         """Prefill the rows (left-padded to one length); return the state and the
         next-token logits ``[rows, vocab]``."""
         return await self.model.run(self._prefill, [list(r) for r in rows])
 
-    async def step(self, state: KVState, token_id: int) -> torch.Tensor:
-        """Append ``token_id`` to every row of ``state``; return next-token logits."""
-        return await self._steps.submit(state, token_id)
+    async def step(
+        self, state: KVState, token_id: int, *, all_logits: bool = True
+    ) -> NextTokenScores:
+        """Append ``token_id`` to every row of ``state``; return the next-token scores.
+
+        ``all_logits=False`` says only a few tokens' logits will be read (`NextTokenScores.at`),
+        so the pass may stop before the projection onto the vocabulary; models whose
+        logits are more than that projection (`readout.output_head`) compute them all."""
+        return await self._steps.submit(state, (token_id, all_logits))
 
     def release(self, state: KVState) -> None:
         """The sequence is over: passes stop waiting for it."""
         self._steps.forget(state)
 
-    async def _run_steps(self, items: list[tuple[KVState, int]]) -> list[torch.Tensor]:
+    async def _run_steps(
+        self, items: list[tuple[KVState, tuple[int, bool]]]
+    ) -> list[NextTokenScores]:
         return await self.model.run(self._step_many, items)
 
+    def _partial_readout(self) -> tuple[torch.nn.Module, torch.nn.Linear] | None:
+        """The decoder and output layer, if logits may be read out partially (checked
+        once, on the worker thread)."""
+        if not self._head_checked:
+            self._head = output_head(self.model.model)
+            self._head_checked = True
+        return self._head
+
     def _forward(
-        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        cache: DynamicCache,
+        decoder: torch.nn.Module | None = None,
     ) -> torch.Tensor:
-        """One forward pass extending ``cache``; float32 logits of the last position."""
-        out = self.model.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
-            **{self.model.cache_argument: cache},
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        return out.logits[:, -1].float()
+        """One forward pass extending ``cache``: float32 logits of the last position, or
+        with ``decoder`` (the model without its output layer) its last hidden state."""
+        module = decoder or self.model.model
+        inputs: dict[str, Any] = {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "position_ids": positions,
+            cache_argument(module): cache,
+            "use_cache": True,
+        }
+        if decoder is not None:
+            return decoder(**inputs).last_hidden_state[:, -1]
+        return self.model.model(**inputs, logits_to_keep=1).logits[:, -1].float()
 
     def _prefill(self, rows: list[list[int]]) -> tuple[KVState, torch.Tensor]:
         """Prefill as one left-padded batch when the rows are about as long, or else
@@ -268,8 +296,11 @@ class StepBatcher:
         logits = self._forward(ids, mask, positions, cache)
         return KVState(cache, mask, positions[:, -1:] + 1), logits
 
-    def _step_many(self, items: list[tuple[KVState, int]]) -> list[torch.Tensor]:
+    def _step_many(self, items: list[tuple[KVState, tuple[int, bool]]]) -> list[NextTokenScores]:
         states = [s for s, _ in items]
+        wants_all = [all_logits for _, (_, all_logits) in items]
+        readout = None if all(wants_all) else self._partial_readout()
+        decoder = readout[0] if readout is not None else None
         if len(items) > 1 and all(_mergeable(s) for s in states):
             batch = states[0].batch
             if batch is None or batch.members != states:  # who steps together changed
@@ -277,17 +308,27 @@ class StepBatcher:
                     if s.batch is not None:
                         _split(s.batch)
                 batch = _merge(states)
-            tokens = [t for s, t in items for _ in range(s.attention_mask.shape[0])]
-            logits = self._advance(batch, tokens)
-            return [logits[where] for where in batch.rows]
-        results = []
-        for s, token in items:
-            if s.batch is not None:  # it stepped with others until now
-                _split(s.batch)
-            results.append(self._advance(s, [token] * s.attention_mask.shape[0]))
-        return results
+            tokens = [t for s, (t, _) in items for _ in range(s.attention_mask.shape[0])]
+            out = self._advance(batch, tokens, decoder)
+            parts = [out[where] for where in batch.rows]
+        else:
+            parts = []
+            for s, (token, _) in items:
+                if s.batch is not None:  # it stepped with others until now
+                    _split(s.batch)
+                parts.append(self._advance(s, [token] * s.attention_mask.shape[0], decoder))
+        if readout is None:
+            return [NextTokenScores(logits=part) for part in parts]
+        head = readout[1]
+        return [
+            NextTokenScores(logits=head(part).float()) if all_logits
+            else NextTokenScores(hidden=part, head=head)
+            for part, all_logits in zip(parts, wants_all, strict=True)
+        ]  # fmt: skip
 
-    def _advance(self, state: KVState | _Batch, tokens: list[int]) -> torch.Tensor:
+    def _advance(
+        self, state: KVState | _Batch, tokens: list[int], decoder: torch.nn.Module | None
+    ) -> torch.Tensor:
         """One pass appending ``tokens`` (one per row) to ``state``'s cache."""
         device = self.model.device
         ids = torch.tensor(tokens, device=device)[:, None]
@@ -295,9 +336,9 @@ class StepBatcher:
         mask = state.attention_mask
         mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
         try:
-            logits = self._forward(ids, mask, state.next_positions, state.cache)
+            out = self._forward(ids, mask, state.next_positions, state.cache, decoder)
         except BaseException:
             _truncate(state.cache, length)  # the layers that took the token give it back
             raise
         state.attention_mask, state.next_positions = mask, state.next_positions + 1
-        return logits
+        return out

@@ -54,10 +54,11 @@ def main(verbose: bool) -> None:
 
 DTYPE = click.option(
     "--dtype",
-    type=click.Choice(["float32", "bfloat16"]),
-    default="float32",
+    type=click.Choice(["auto", "float32", "bfloat16"]),
+    default="auto",
     show_default=True,
-    help="Model weights and activations; bfloat16 is fast on CPUs with AMX.",
+    help="Model weights and activations; auto is bfloat16 on CPUs with AMX (and GPUs "
+    "that support it), float32 elsewhere.",
 )
 
 
@@ -87,16 +88,13 @@ def demo(
     dtype: str,
 ) -> None:
     """Print the cloud-only answer and the CoSteer answer side by side."""
-    import torch
-
     from costeer_sdk.client import PersonalLLM
 
     records = _read_history(history)
 
     async def run() -> None:
         steering = SteeringConfig(beta=beta)
-        weights = getattr(torch, dtype)
-        async with PersonalLLM.from_models(cloud, local_, steering, dtype=weights) as llm:
+        async with PersonalLLM.from_models(cloud, local_, steering, dtype=dtype) as llm:
             click.echo(
                 f"\nPrompt: {prompt}\nPrivate history: {len(records)} records from {history}\n"
             )
@@ -146,8 +144,6 @@ def serve(
     dtype: str,
 ) -> None:
     """Serve a cloud model over HTTP (the session protocol; see /docs)."""
-    import torch
-
     from costeer_sdk.server import serve as run_server
 
     run_server(
@@ -158,7 +154,7 @@ def serve(
         max_sessions=max_sessions,
         session_ttl_s=session_ttl,
         step_delay_s=step_delay,
-        dtype=getattr(torch, dtype),
+        dtype=dtype,
     )
 
 

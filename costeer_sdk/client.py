@@ -182,7 +182,7 @@ class PersonalLLM:
         *,
         top_k: int | None = 20,
         device: str = "cpu",
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | str = "auto",
         progress: bool = True,
         **options: object,
     ) -> PersonalLLM:
@@ -190,10 +190,12 @@ class PersonalLLM:
         minute or two the first time a GGUF model is converted).
 
         ``dtype`` is the models' weights and activations; fusion always runs in float32.
-        On CPUs with AMX (Intel Xeon 4th generation and later) ``torch.bfloat16`` runs
-        the 0.5B local model's prefill 3.5x faster and makes batching concurrent
-        generations nearly free (docs/benchmarks.md); the outputs differ slightly from
-        float32's.
+        ``"auto"`` (the default) is bfloat16 where the hardware computes it natively
+        (CPUs with AMX: Intel Xeon 4th generation and later; CUDA GPUs that support it)
+        and float32 elsewhere (`loading.resolve_dtype`). With AMX, bfloat16 runs the
+        0.5B local model's prefill 3.5x faster and makes batching concurrent generations
+        nearly free; the evaluation finds no loss of quality (docs/benchmarks.md). Pass
+        ``torch.float32`` (or ``"float32"``) for float32 everywhere.
 
         ``top_k`` (default 20, what vLLM serves by default) restricts steering to the
         cloud's top-k tokens, renormalised: the local delta can reorder what the cloud

@@ -34,13 +34,15 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from costeer_sdk.builtins import BUILTIN_MODELS, BuiltinModel
-from costeer_sdk.errors import ModelCacheError, ModelNotFoundError
+from costeer_sdk.errors import ConfigurationError, ModelCacheError, ModelNotFoundError
 from costeer_sdk.logs import get_logger
 from costeer_sdk.runtime import LoadedModel
 
 log = get_logger(__name__)
 
 CACHE_FORMAT = 1
+DTypeSpec = torch.dtype | str
+"""A torch dtype, its name (``"float32"``, ``"bfloat16"``), or ``"auto"``."""
 _MANIFEST = "manifest.json"
 _CHUNK = 16 << 20
 
@@ -51,14 +53,48 @@ def cache_root() -> Path:
     return Path(override) if override else Path(platformdirs.user_cache_dir("costeer-sdk"))
 
 
+def cpu_has_amx() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices in hardware (Intel AMX)."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private in torch 2.x
+    if probe is not None:
+        return bool(probe())
+    try:
+        return "amx_bf16" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def resolve_dtype(dtype: DTypeSpec, device: str | torch.device = "cpu") -> torch.dtype:
+    """The dtype to load weights in. ``"auto"`` picks bfloat16 where the device computes
+    it natively (a CPU with AMX, a CUDA GPU that supports it) and float32 elsewhere: on
+    other CPUs bfloat16 is emulated and slower than float32."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        kind = torch.device(device).type
+        native = (kind == "cpu" and cpu_has_amx()) or (
+            kind == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        )
+        return torch.bfloat16 if native else torch.float32
+    resolved = getattr(torch, dtype, None)
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise ConfigurationError(
+            f"dtype must be 'auto', a floating-point torch dtype or its name; got {dtype!r}"
+        )
+    return resolved
+
+
 def load_model(
     spec: str,
     *,
     device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
+    dtype: DTypeSpec = "auto",
     progress: bool = True,
 ) -> LoadedModel:
-    """Load the causal LM named by ``spec`` (see the module docstring for the forms)."""
+    """Load the causal LM named by ``spec`` (see the module docstring for the forms) in
+    ``dtype`` (`resolve_dtype`: by default bfloat16 where the hardware computes it
+    natively, float32 elsewhere)."""
+    weights = resolve_dtype(dtype, device)
     if spec.startswith("builtin:"):
         directory = _converted_builtin(spec.removeprefix("builtin:"), progress=progress)
     else:
@@ -73,10 +109,10 @@ def load_model(
         else:
             directory = None  # a Hub id
     source = str(directory) if directory is not None else spec
-    log.info("model.load", spec=spec, source=source, device=str(device))
+    log.info("model.load", spec=spec, source=source, device=str(device), dtype=str(weights))
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=weights)
     except OSError as exc:
         raise ModelNotFoundError(
             f"could not load {spec!r}: {exc}. Pass a Hub id that is in the local Hugging Face "

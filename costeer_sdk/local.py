@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import torch
 from transformers import PreTrainedTokenizerBase
 
 from costeer_sdk.batching import KVState, StepBatcher
+from costeer_sdk.readout import NextTokenScores
 from costeer_sdk.runtime import LoadedModel
 
 BranchPair = KVState
@@ -52,15 +52,21 @@ class LocalModel:
 
     async def open(
         self, with_context: Sequence[int], without_context: Sequence[int]
-    ) -> tuple[BranchPair, torch.Tensor]:
-        """Prefill both branches; return their state and next-token logits ``[2, vocab]``.
+    ) -> tuple[BranchPair, NextTokenScores]:
+        """Prefill both branches; return their state and next-token scores (2 rows).
 
         Call `release` when the generation ends, so batching stops waiting for it."""
-        return await self.batcher.open([with_context, without_context])
+        state, logits = await self.batcher.open([with_context, without_context])
+        return state, NextTokenScores(logits=logits)
 
-    async def advance(self, branches: BranchPair, token_id: int) -> torch.Tensor:
-        """Append ``token_id`` to both branches; return next-token logits ``[2, vocab]``."""
-        return await self.batcher.step(branches, token_id)
+    async def advance(
+        self, branches: BranchPair, token_id: int, *, all_logits: bool = True
+    ) -> NextTokenScores:
+        """Append ``token_id`` to both branches; return their next-token scores.
+
+        ``all_logits=False`` when only the cloud's top-k tokens will be read: the pass
+        then skips most of the projection onto the vocabulary (`readout`)."""
+        return await self.batcher.step(branches, token_id, all_logits=all_logits)
 
     def release(self, branches: BranchPair) -> None:
         """The generation that `open` returned ``branches`` for is over."""

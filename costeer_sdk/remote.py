@@ -170,8 +170,8 @@ class InProcessSession:
             raise RemoteProtocolError(f"token id {token_id} is outside the vocabulary")
         if self._state is None:
             raise RemoteProtocolError("the session is closed")
-        logits = await self._batcher.step(self._state, token_id)
-        self._last = self._distribution(logits[0])
+        scores = await self._batcher.step(self._state, token_id)
+        self._last = self._distribution(scores.full()[0])
         self._tokens.append(token_id)
         return self._last
 

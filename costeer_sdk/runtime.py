@@ -33,6 +33,19 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     return digest.hexdigest()
 
 
+def cache_argument(module: torch.nn.Module) -> str:
+    """Name of the forward() argument that takes the KV cache (``cache`` in newer
+    transformers, ``past_key_values`` before)."""
+    cls = type(module)
+    if cls not in _CACHE_ARGUMENTS:
+        params = inspect.signature(cls.forward).parameters
+        _CACHE_ARGUMENTS[cls] = "cache" if "cache" in params else "past_key_values"
+    return _CACHE_ARGUMENTS[cls]
+
+
+_CACHE_ARGUMENTS: dict[type, str] = {}
+
+
 @dataclass(eq=False)
 class LoadedModel:
     """A transformers causal LM, its tokenizer, and the worker thread that runs it."""
@@ -64,13 +77,6 @@ class LoadedModel:
         """Longest sequence (prompt plus generated tokens) the model was trained for."""
         config = self.model.config
         return int(getattr(config, "max_position_embeddings", None) or 2048)
-
-    @cached_property
-    def cache_argument(self) -> str:
-        """Name of the forward() argument that takes the KV cache (``cache`` in newer
-        transformers, ``past_key_values`` before)."""
-        params = inspect.signature(self.model.forward).parameters
-        return "cache" if "cache" in params else "past_key_values"
 
     @cached_property
     def fingerprint(self) -> str:

@@ -13,12 +13,11 @@ from collections.abc import AsyncGenerator, Awaitable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import torch
-
 from costeer_sdk.context import Prompts
 from costeer_sdk.decoding import TokenChooser
-from costeer_sdk.fusion import SteeringConfig, fuse, fuse_top_k
+from costeer_sdk.fusion import SteeringConfig, fuse
 from costeer_sdk.local import BranchPair, LocalModel
+from costeer_sdk.readout import NextTokenScores
 from costeer_sdk.remote import NextTokenLogprobs, Remote, RemoteSession
 
 T = TypeVar("T")
@@ -48,24 +47,25 @@ class StepClock:
 
 def choose_token(
     cloud: NextTokenLogprobs,
-    local_logits: torch.Tensor | None,
+    local: NextTokenScores | None,
     steering: SteeringConfig,
     chooser: TokenChooser,
 ) -> int:
-    """Fuse one step's distributions (row 0 of ``local_logits``: with context) and pick."""
-    if local_logits is None:
+    """Fuse one step's distributions (local row 0: with context) and pick."""
+    if local is None:
         index = chooser.choose(cloud.logprobs)
         return index if cloud.token_ids is None else int(cloud.token_ids[index])
-    width = local_logits.shape[-1]
     if cloud.token_ids is None:
-        n = min(width, cloud.logprobs.shape[-1])
-        fused = fuse(
-            cloud.logprobs[None, :n], local_logits[1:2, :n], local_logits[0:1, :n], steering
-        )
+        logits = local.full()
+        n = min(logits.shape[-1], cloud.logprobs.shape[-1])
+        fused = fuse(cloud.logprobs[None, :n], logits[1:2, :n], logits[0:1, :n], steering)
         return chooser.choose(fused[0])
-    keep = cloud.token_ids < width
+    # Over the top-k the fusion needs the local logits of those k tokens alone: the
+    # log-softmax constants of each branch cancel in the renormalisation (`fuse_top_k`).
+    keep = cloud.token_ids < local.width
     ids, logprobs = cloud.token_ids[keep], cloud.logprobs[keep]
-    fused = fuse_top_k(ids[None], logprobs[None], local_logits[1:2], local_logits[0:1], steering)
+    at = local.at(ids)
+    fused = fuse(logprobs[None], at[1:2], at[0:1], steering)
     return int(ids[chooser.choose(fused[0])])
 
 
@@ -87,7 +87,7 @@ async def steer(
     remote before starting the local pass (the baseline `bench/pipeline.py` compares).
     """
     remote_open = asyncio.ensure_future(clock.remote(remote.open_session(prompts.public_ids)))
-    local_open: asyncio.Future[tuple[BranchPair, torch.Tensor]] | None = None
+    local_open: asyncio.Future[tuple[BranchPair, NextTokenScores]] | None = None
     if local is not None and prompts.private_ids is not None:
         local_open = asyncio.ensure_future(
             clock.local(local.open(prompts.private_ids, prompts.public_ids))
@@ -98,11 +98,11 @@ async def steer(
         if _succeeded(remote_open):
             session = remote_open.result()[0]  # opened: close it however the rest goes
         session, cloud = remote_open.result()
-        branches, local_logits = local_open.result() if local_open else (None, None)
+        branches, local_scores = local_open.result() if local_open else (None, None)
         position = len(prompts.public_ids)
         for step in range(max_new_tokens):
             started = time.perf_counter()
-            token = choose_token(cloud, local_logits, steering, chooser)
+            token = choose_token(cloud, local_scores, steering, chooser)
             clock.fuse_s += time.perf_counter() - started
             yield token
             if step == max_new_tokens - 1:
@@ -110,15 +110,22 @@ async def steer(
             remote_step = clock.remote(session.advance(token, position))
             if branches is None or local is None:
                 cloud = await remote_step
-            elif not pipelined:
+                position += 1
+                continue
+            # The cloud's last answer tells whether the next will be top-k, so
+            # whether the local pass needs every logit (`choose_token` copes if not).
+            all_logits = not cloud.is_top_k
+            if not pipelined:
                 cloud = await remote_step
-                local_logits = await clock.local(local.advance(branches, token))
+                local_scores = await clock.local(
+                    local.advance(branches, token, all_logits=all_logits)
+                )
             else:
                 remote_task = asyncio.ensure_future(remote_step)
                 try:
                     await _give_turns(remote_task)
-                    local_step = clock.local(local.advance(branches, token))
-                    cloud, local_logits = await asyncio.gather(remote_task, local_step)
+                    local_step = clock.local(local.advance(branches, token, all_logits=all_logits))
+                    cloud, local_scores = await asyncio.gather(remote_task, local_step)
                 except BaseException:
                     remote_task.cancel()  # no-op if it is what failed
                     raise

@@ -209,7 +209,7 @@ def serve(
     max_sessions: int = 64,
     session_ttl_s: float = 600.0,
     step_delay_s: float = 0.0,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = "auto",
 ) -> None:
     """Load ``model_spec`` and serve it with uvicorn until interrupted."""
     import uvicorn

@@ -215,6 +215,31 @@ def test_costeer_eval_runs_resumes_and_reports(model_dirs: list[str], tmp_path: 
     assert refused.exit_code != 0 and "max_new_tokens differ" in refused.output
 
 
+def test_runs_recorded_before_the_dtype_setting_count_as_float32(
+    model_dirs: list[str], tmp_path: Path
+) -> None:
+    cloud, local = model_dirs
+    data = write_jsonl(tmp_path / "c.jsonl", cogenesis_rows(1))
+    out = tmp_path / "results"
+    args = ["eval", "--task", "cogenesis", "--data", str(data), "--out", str(out),
+            "--limit", "1", "--cloud", cloud, "--local", local, "--max-new-tokens", "3",
+            "--methods", "cloud"]  # fmt: skip
+    runner = CliRunner()
+    assert runner.invoke(main, [*args, "--dtype", "float32"]).exit_code == 0
+    recorded = json.loads((out / "run.json").read_text())
+    assert recorded.pop("dtype") == "float32"
+    (out / "run.json").write_text(json.dumps(recorded))  # as an older version wrote it
+    before = (out / "generations.jsonl").read_text()
+    resumed = runner.invoke(main, [*args, "--dtype", "float32"])
+    assert resumed.exit_code == 0, resumed.output
+    assert (out / "generations.jsonl").read_text() == before  # nothing to redo
+    narrow = runner.invoke(main, [*args, "--dtype", "bfloat16"])
+    assert narrow.exit_code != 0 and "dtype differ" in narrow.output
+    swept = [*args[:6], str(tmp_path / "sweep"), *args[7:], "--reuse-baselines", str(out)]
+    reused = runner.invoke(main, [*swept, "--dtype", "float32"])
+    assert reused.exit_code == 0 and "reused 1 baseline generations" in reused.output
+
+
 @pytest.mark.skipif(not (SHARED / "cogenesis.jsonl").exists(), reason="needs ../shared/data")
 async def test_shared_files_load(tmp_path: Path) -> None:
     assert len(list(CoGenesis(SHARED / "cogenesis.jsonl").examples())) == 240

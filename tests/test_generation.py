@@ -39,9 +39,11 @@ def reference_tokens(
     context: Sequence[str],
     steps: int,
     config: SteeringConfig,
+    top_k: int | None = None,
 ) -> list[int]:
     """A plain synchronous per-token loop: full forward passes without any cache, the
-    paper's literal FTRL, greedy choice, stop at EOS."""
+    paper's literal FTRL (over the cloud's ``top_k`` tokens when given), greedy choice,
+    stop at EOS."""
     builder = PromptBuilder(local.tokenizer)
     public = builder.encode(prompt)
     private = builder.encode(builder.template.render(list(context), prompt))
@@ -51,7 +53,9 @@ def reference_tokens(
             llm = cloud.model(torch.tensor([public + chosen])).logits[:, -1]
             with_ = local.model(torch.tensor([private + chosen])).logits[:, -1]
             without = local.model(torch.tensor([public + chosen])).logits[:, -1]
-            token = int(fuse_iterative(llm, without, with_, config).argmax())
+            ids = torch.topk(llm, top_k or llm.shape[-1]).indices[0]
+            fused = fuse_iterative(llm[:, ids], without[:, ids], with_[:, ids], config)
+            token = int(ids[fused.argmax()])
             if token in local.eos_token_ids:
                 break
             chosen.append(token)
@@ -66,6 +70,18 @@ async def test_pipeline_matches_a_synchronous_reference_loop(
     assert out.steered
     assert out.token_ids == expected
     assert out.stats.steps >= len(expected)
+
+
+async def test_top_k_pipeline_matches_the_reference_loop_over_the_top_k(
+    cloud_model: LoadedModel, local_model: LoadedModel
+) -> None:
+    """Over the cloud's top-k the local model's pass stops short of the vocabulary-wide
+    projection and reads only the k logits (`readout`): same tokens as full logits."""
+    llm = PersonalLLM(InProcessRemote(cloud_model, top_k=5), local_model)
+    config = SteeringConfig(beta=4.0)
+    out = await llm.generate(PROMPT, context=HISTORY, max_new_tokens=24, steering=config)
+    expected = reference_tokens(cloud_model, local_model, PROMPT, HISTORY, 24, config, top_k=5)
+    assert out.steered and out.token_ids == expected
 
 
 async def test_context_changes_the_output(llm: PersonalLLM) -> None:

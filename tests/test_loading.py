@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from tiny import make_model
 
-from costeer_sdk import ModelNotFoundError
-from costeer_sdk.loading import cached_conversion, load_model, verify_cache
+from costeer_sdk import ConfigurationError, ModelNotFoundError, loading
+from costeer_sdk.loading import cached_conversion, load_model, resolve_dtype, verify_cache
 
 
 @pytest.fixture(autouse=True)
@@ -81,3 +82,35 @@ def test_a_failed_build_leaves_no_cache_behind(isolated_cache: Path) -> None:
 def test_unresolvable_specs_raise_model_not_found(spec: str, message: str) -> None:
     with pytest.raises(ModelNotFoundError, match=message):
         load_model(spec)
+
+
+def test_auto_dtype_is_bfloat16_only_where_the_cpu_computes_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(loading, "cpu_has_amx", lambda: True)
+    assert resolve_dtype("auto") is torch.bfloat16
+    monkeypatch.setattr(loading, "cpu_has_amx", lambda: False)
+    assert resolve_dtype("auto") is torch.float32
+    assert resolve_dtype("bfloat16") is torch.bfloat16
+    assert resolve_dtype(torch.float16) is torch.float16
+
+
+def test_amx_detection_agrees_with_the_kernels_flags() -> None:
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        pytest.skip("no /proc/cpuinfo to compare with")
+    assert loading.cpu_has_amx() == ("amx_tile" in cpuinfo.read_text())
+
+
+@pytest.mark.parametrize("bad", ["int64", "float33", "Auto"])
+def test_a_bad_dtype_is_a_configuration_error(bad: str) -> None:
+    with pytest.raises(ConfigurationError, match="dtype must be"):
+        resolve_dtype(bad)
+
+
+def test_models_load_in_the_auto_dtype_by_default(tokenizer, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    save_tiny(tokenizer, tmp_path / "m")
+    weights = {p.dtype for p in load_model(str(tmp_path / "m")).model.parameters()}
+    assert weights == {resolve_dtype("auto")}
+    narrow = load_model(str(tmp_path / "m"), dtype="float32").model.parameters()
+    assert {p.dtype for p in narrow} == {torch.float32}

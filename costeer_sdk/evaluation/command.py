@@ -74,6 +74,13 @@ _DEFAULTS = SteeringConfig()
     show_default=True,
     help="Steer over the cloud's top-k tokens; 0 for the full vocabulary.",
 )
+@click.option(
+    "--dtype",
+    type=click.Choice(["auto", "float32", "bfloat16"]),
+    default="auto",
+    show_default=True,
+    help="Both models' weights and activations (auto: bfloat16 on CPUs with AMX).",
+)
 def eval_command(
     task: str,
     data: Path,
@@ -93,6 +100,7 @@ def eval_command(
     eta: float,
     reuse_baselines: Path | None,
     top_k: int,
+    dtype: str,
 ) -> None:
     """Evaluate methods on a task; resumable; writes generations.jsonl and results.*.
 
@@ -104,7 +112,7 @@ def eval_command(
     from costeer_sdk.evaluation.report import write_report
     from costeer_sdk.evaluation.runner import Evaluator, RunLog, RunSettings, check_methods
     from costeer_sdk.evaluation.tasks import make_task
-    from costeer_sdk.loading import load_model
+    from costeer_sdk.loading import load_model, resolve_dtype
     from costeer_sdk.memory import SQLiteMemoryStore
     from costeer_sdk.runtime import LoadedModel
 
@@ -123,6 +131,7 @@ def eval_command(
             top_k=top_k or None,
             attribute=attribute if task == "preference" else None,
             cloud_url=cloud_url,
+            dtype=str(resolve_dtype(dtype)).removeprefix("torch."),
         )
         runlog = RunLog(out, settings)
         if reuse_baselines is not None:
@@ -138,13 +147,13 @@ def eval_command(
             if load is not None:
                 await load()
             examples = list(itertools.islice(the_task.examples(), limit))
-            local_model = load_model(local_)
+            local_model = load_model(local_, dtype=settings.dtype)
             cloud_model = (
                 _remote(cloud_url, cloud_api, cloud, settings.top_k)
                 if cloud_url
                 else local_model
                 if local_ == cloud
-                else load_model(cloud)
+                else load_model(cloud, dtype=settings.dtype)
             )
             evaluator = Evaluator(
                 the_task,

@@ -52,6 +52,7 @@ class RunSettings:
     top_k: int | None
     attribute: str | None = None
     cloud_url: str | None = None
+    dtype: str = "float32"  # runs recorded before the setting existed ran in float32
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -59,6 +60,11 @@ class RunSettings:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RunSettings:
         return cls(**{**data, "steering": SteeringConfig(**data["steering"])})
+
+
+def _normalised(recorded: dict[str, Any]) -> dict[str, Any]:
+    """A recorded run.json with the settings it predates filled in with their defaults."""
+    return json.loads(json.dumps(RunSettings.from_json(recorded).to_json()))
 
 
 def check_methods(methods: Sequence[str]) -> list[str]:
@@ -85,7 +91,7 @@ class RunLog:
         run_file = out / RUN_FILE
         wanted = settings.to_json()
         if run_file.exists():
-            found = json.loads(run_file.read_text())
+            found = _normalised(json.loads(run_file.read_text()))
             if found != json.loads(json.dumps(wanted)):
                 changed = sorted(k for k in wanted if found.get(k) != wanted[k])
                 raise ConfigurationError(
@@ -134,8 +140,8 @@ class RunLog:
         found_file = other / RUN_FILE
         if not found_file.exists():
             raise ConfigurationError(f"{other} holds no evaluation run ({RUN_FILE} missing)")
-        found = json.loads(found_file.read_text())
-        mine = json.loads((self.out / RUN_FILE).read_text())
+        found = _normalised(json.loads(found_file.read_text()))
+        mine = _normalised(json.loads((self.out / RUN_FILE).read_text()))
         differ = sorted(
             k for k in mine.keys() | found.keys()
             if k not in ("steering", "top_k") and mine.get(k) != found.get(k)
