@@ -194,8 +194,9 @@ class PersonalLLM:
         (CPUs with AMX: Intel Xeon 4th generation and later; CUDA GPUs that support it)
         and float32 elsewhere (`loading.resolve_dtype`). With AMX, bfloat16 runs the
         0.5B local model's prefill 3.5x faster and makes batching concurrent generations
-        nearly free; the evaluation finds no loss of quality (docs/benchmarks.md). Pass
-        ``torch.float32`` (or ``"float32"``) for float32 everywhere.
+        nearly free; the evaluation measures no change in quality, though CoSteer's
+        greedy outputs differ from float32's (docs/benchmarks.md). Pass ``"float32"``
+        (or ``torch.float32``) for float32 everywhere.
 
         ``top_k`` (default 20, what vLLM serves by default) restricts steering to the
         cloud's top-k tokens, renormalised: the local delta can reorder what the cloud
