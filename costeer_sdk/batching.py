@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -207,8 +208,6 @@ class StepBatcher:
         self._steps: Gatherer[KVState, tuple[int, bool], NextTokenScores] = Gatherer(
             self._run_steps, window_s=window_s, enabled=enabled
         )
-        self._head: tuple[torch.nn.Module, torch.nn.Linear] | None = None
-        self._head_checked = False
 
     async def open(self, rows: Sequence[Sequence[int]]) -> tuple[KVState, torch.Tensor]:
         """Prefill the rows (left-padded to one length); return the state and the
@@ -234,13 +233,11 @@ class StepBatcher:
     ) -> list[NextTokenScores]:
         return await self.model.run(self._step_many, items)
 
+    @cached_property
     def _partial_readout(self) -> tuple[torch.nn.Module, torch.nn.Linear] | None:
-        """The decoder and output layer, if logits may be read out partially (checked
-        once, on the worker thread)."""
-        if not self._head_checked:
-            self._head = output_head(self.model.model)
-            self._head_checked = True
-        return self._head
+        """The decoder and output layer, if logits may be read out partially (probed at
+        the first pass that asks, on the worker thread)."""
+        return output_head(self.model.model)
 
     def _forward(
         self,
@@ -299,7 +296,7 @@ class StepBatcher:
     def _step_many(self, items: list[tuple[KVState, tuple[int, bool]]]) -> list[NextTokenScores]:
         states = [s for s, _ in items]
         wants_all = [all_logits for _, (_, all_logits) in items]
-        readout = None if all(wants_all) else self._partial_readout()
+        readout = None if all(wants_all) else self._partial_readout
         decoder = readout[0] if readout is not None else None
         if len(items) > 1 and all(_mergeable(s) for s in states):
             batch = states[0].batch

@@ -185,8 +185,9 @@ def fuse_top_k(
 
     The fused distribution is supported on the cloud's top-k tokens alone and
     renormalised there: tokens the cloud did not list get probability zero, exactly
-    as if the cloud had truncated its distribution to those k before steering. With
-    k = vocab this equals `fuse`.
+    as if the cloud had truncated its distribution to those k before steering: `fuse`
+    over the k columns (each branch's log-softmax constant cancels, so the local logits
+    of those k tokens are all it needs). With k = vocab this equals `fuse`.
 
     Args:
         top_ids: ``[batch, k]`` token ids of the cloud's top-k.
@@ -207,6 +208,7 @@ def fuse_top_k(
     vocab = slm_with_logits.shape[-1]
     if top_ids.numel() and (int(top_ids.min()) < 0 or int(top_ids.max()) >= vocab):
         raise ConfigurationError(f"top-k token ids must lie in [0, {vocab})")
-    delta = _delta(slm_without_logits, slm_with_logits).gather(-1, top_ids.long())
-    weight = steering_weight(config or SteeringConfig())
-    return F.log_softmax(top_logprobs.float() + weight * delta, dim=-1)
+    ids = top_ids.long()
+    return fuse(
+        top_logprobs, slm_without_logits.gather(-1, ids), slm_with_logits.gather(-1, ids), config
+    )

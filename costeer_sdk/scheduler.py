@@ -60,8 +60,7 @@ def choose_token(
         n = min(logits.shape[-1], cloud.logprobs.shape[-1])
         fused = fuse(cloud.logprobs[None, :n], logits[1:2, :n], logits[0:1, :n], steering)
         return chooser.choose(fused[0])
-    # Over the top-k the fusion needs the local logits of those k tokens alone: the
-    # log-softmax constants of each branch cancel in the renormalisation (`fuse_top_k`).
+    # `fuse_top_k` over the k tokens, whose local logits are read out alone (`readout`).
     keep = cloud.token_ids < local.width
     ids, logprobs = cloud.token_ids[keep], cloud.logprobs[keep]
     at = local.at(ids)

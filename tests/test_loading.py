@@ -99,7 +99,7 @@ def test_amx_detection_agrees_with_the_kernels_flags() -> None:
     cpuinfo = Path("/proc/cpuinfo")
     if not cpuinfo.exists():
         pytest.skip("no /proc/cpuinfo to compare with")
-    assert loading.cpu_has_amx() == ("amx_tile" in cpuinfo.read_text())
+    assert loading.cpu_has_amx() == ("amx_bf16" in cpuinfo.read_text())
 
 
 @pytest.mark.parametrize("bad", ["int64", "float33", "Auto"])
