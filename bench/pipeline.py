@@ -10,8 +10,12 @@ random Qwen2 of 512 x 8 layers with a 320-token vocabulary, tens of milliseconds
 two-branch step, for quick runs). The client runs
 in this process; all numbers come from one run, side by side: sequential and pipelined
 generations alternate ``--repeats`` times and the medians are printed. Concurrent
-generations share one `PersonalLLM`; they run twice, with their steps sent together
-(one request per token, the default) and with one request per session and step.
+generations share one `PersonalLLM` and run in four settings (`CONCURRENCY_RUNS`): the
+default (steps sent together, one request per token; one user's history, which the local
+side prefills once and reuses, `prefixes`), a user each (a history each, the same query),
+the default without the prefix cache, and one request per session and step. They too
+alternate ``--repeats`` times; printed are the median tokens/s, and the median and range
+of the ratio to one generation measured in the same round.
 
 The cloud is meant to be another machine, so by default the server is pinned to half
 of this machine's cores and the client to the other half (``--shared-cores`` lets both
@@ -43,9 +47,26 @@ from costeer_sdk import LoadedModel, PersonalLLM
 from costeer_sdk.builtins import DEFAULT_LOCAL
 from costeer_sdk.http_remote import SessionRemote
 from costeer_sdk.loading import load_model, resolve_dtype
+from costeer_sdk.local import LocalModel
+from costeer_sdk.prefixes import DEFAULT_PREFIX_CACHE_BYTES
 
 HISTORY = ["I ran ten miles in my new shoes.", "The grip is good on wet trails."] * 4
 PROMPT = "Write a short review of my new shoes."
+
+
+CONCURRENCY_RUNS = (
+    ("one request per token, one user", True, True, True),
+    ("one request per token, one user each", True, False, True),
+    ("one request per token, one user, no prefix cache", True, True, False),
+    ("one request per session and step, one user", False, True, True),
+)
+"""(label, coalesce requests, one history for all, keep prefills): the default first."""
+
+
+def context_of(generation: int, shared: bool) -> list[str]:
+    """One user's history for every generation, or each generation a user of its own
+    (a first record of its own: only the template's heading is common to them)."""
+    return HISTORY if shared else [f"I am runner number {generation}.", *HISTORY]
 
 
 class Counting(httpx.AsyncBaseTransport):
@@ -82,6 +103,41 @@ def split_cores() -> set[int]:
     return server
 
 
+COUNTS = (1, 4, 8)
+
+
+async def concurrent_rate(
+    url: str,
+    local: LoadedModel,
+    n: int,
+    tokens: int,
+    *,
+    coalesce: bool,
+    shared: bool,
+    prefix_cache: bool,
+) -> float:
+    """Tokens per second of ``n`` generations at once, on a fresh local side (nothing
+    prefilled yet) sharing one `PersonalLLM`."""
+    remote = SessionRemote(url, top_k=20, coalesce=coalesce)
+    budget = DEFAULT_PREFIX_CACHE_BYTES if prefix_cache else 0
+    llm = PersonalLLM(remote, LocalModel(local, prefix_cache_bytes=budget))
+    try:
+        start = time.perf_counter()
+        outs = await asyncio.gather(
+            *(
+                llm.generate(PROMPT, context=context_of(i, shared), max_new_tokens=tokens)
+                for i in range(n)
+            )
+        )
+        elapsed = time.perf_counter() - start
+    finally:
+        await remote.aclose()
+    generated = sum(len(o.token_ids) for o in outs)
+    if generated != n * tokens:
+        raise RuntimeError(f"{generated} tokens generated, expected {n * tokens}")
+    return generated / elapsed
+
+
 async def one_delay(
     delay_s: float,
     tokens: int,
@@ -115,28 +171,25 @@ async def one_delay(
             f"{step / (remote_step + local_step):>8.2f} "
             f"{transport.sent / s.steps:>7.0f} {transport.received / s.steps:>7.0f}"
         )
-        for coalesce in (True, False):
-            concurrency = []
-            for n in (1, 4, 8):
-                remote = SessionRemote(url, top_k=20, coalesce=coalesce)
-                llm = PersonalLLM(remote, local)
-                start = time.perf_counter()
-                outs = await asyncio.gather(
-                    *(
-                        llm.generate(PROMPT, context=HISTORY, max_new_tokens=tokens)
-                        for _ in range(n)
-                    )
+        rates: dict[tuple[str, int], list[float]] = {}
+        for _ in range(repeats):  # the settings alternate, as above
+            for label, coalesce, shared, prefix_cache in CONCURRENCY_RUNS:
+                for n in COUNTS:
+                    rate = await concurrent_rate(
+                        url, local, n, tokens, coalesce=coalesce, shared=shared,
+                        prefix_cache=prefix_cache,
+                    )  # fmt: skip
+                    rates.setdefault((label, n), []).append(rate)
+        for label, *_ in CONCURRENCY_RUNS:
+            alone = rates[label, 1]
+            parts = []
+            for n in COUNTS:
+                ratios = [r / a for r, a in zip(rates[label, n], alone, strict=True)]
+                parts.append(
+                    f"{n} -> {statistics.median(rates[label, n]):.1f} tok/s "
+                    f"({statistics.median(ratios):.2f}x, {min(ratios):.2f}-{max(ratios):.2f})"
                 )
-                elapsed = time.perf_counter() - start
-                generated = sum(len(o.token_ids) for o in outs)
-                concurrency.append((n, generated / elapsed))
-                await remote.aclose()
-            base = concurrency[0][1]
-            print(
-                f"        concurrent, {'one request per token' if coalesce else 'per session'}: "
-                + ", ".join(f"{n} -> {tps:.1f} tok/s ({tps / base:.2f}x)" for n, tps in concurrency)
-                + f"; {generated / n:.0f} tokens per generation"
-            )
+            print(f"        {label}: " + ", ".join(parts))
     finally:
         proc.kill()
         proc.wait()

@@ -25,6 +25,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from costeer_sdk.gathering import Gatherer
+from costeer_sdk.prefixes import CachedPrefix, PrefixCache
 from costeer_sdk.readout import NextTokenScores, output_head
 from costeer_sdk.runtime import LoadedModel, cache_argument
 
@@ -201,10 +202,20 @@ class StepBatcher:
         window_s: how long a pass may wait for the sequences that stepped in the
             previous pass, so that sequences fall into step with each other. A sequence
             that misses one pass is no longer waited for.
+        prefixes: prefilled rows kept for reuse by rows that start the same way
+            (None: every row is prefilled in full).
     """
 
-    def __init__(self, model: LoadedModel, *, enabled: bool = True, window_s: float = 0.02):
+    def __init__(
+        self,
+        model: LoadedModel,
+        *,
+        enabled: bool = True,
+        window_s: float = 0.02,
+        prefixes: PrefixCache | None = None,
+    ):
         self.model = model
+        self.prefixes = prefixes
         self._steps: Gatherer[KVState, tuple[int, bool], NextTokenScores] = Gatherer(
             self._run_steps, window_s=window_s, enabled=enabled
         )
@@ -264,20 +275,64 @@ class StepBatcher:
     def _prefill(self, rows: list[list[int]]) -> tuple[KVState, torch.Tensor]:
         """Prefill as one left-padded batch when the rows are about as long, or else
         each row on its own, merged afterwards: a private prompt is often many times
-        the public one, and a padded batch would spend as much compute on padding."""
+        the public one, and a padded batch would spend as much compute on padding.
+        A row that starts with a kept prefix (`prefixes`) computes only the rest."""
+        prefixes = self.prefixes
+        found = [prefixes.find(r) if prefixes is not None else None for r in rows]
         width = max(len(r) for r in rows)
         padding = len(rows) * width - sum(len(r) for r in rows)
-        if len(rows) == 1 or padding <= PREFILL_PADDING_SHARE * len(rows) * width:
-            return self._prefill_padded(rows)
-        alone = [self._prefill_padded([r]) for r in rows]
+        if not any(found) and (
+            len(rows) == 1 or padding <= PREFILL_PADDING_SHARE * len(rows) * width
+        ):
+            state, logits = self._prefill_padded(rows)
+            self._keep(rows, state)
+            return state, logits
+        alone = [self._prefill_row(r, prefix) for r, prefix in zip(rows, found, strict=True)]
         states = [state for state, _ in alone]
-        if not all(_mergeable(s) for s in states):
+        if not all(_mergeable(s) for s in states):  # never with a prefix: see `_keep`
             return self._prefill_padded(rows)
+        for row, state in zip(rows, states, strict=True):
+            self._keep([row], state)
+        if len(alone) == 1:
+            return alone[0]
         merged = _merge(states)
         for state in states:
             state.batch = None
         joined = KVState(merged.cache, merged.attention_mask, merged.next_positions)
         return joined, torch.cat([logits for _, logits in alone])
+
+    def _prefill_row(
+        self, row: list[int], prefix: CachedPrefix | None
+    ) -> tuple[KVState, torch.Tensor]:
+        """Prefill one row, continuing from a copy of ``prefix``'s cache if given."""
+        if prefix is None:
+            return self._prefill_padded([row])
+        layers = []
+        for keys, values in prefix.layers:
+            shape = (*keys.shape[:-2], 2 * len(row), keys.shape[-1])  # room to grow
+            grown = keys.new_empty(shape), values.new_empty(shape)
+            grown[0][..., : prefix.length, :] = keys
+            grown[1][..., : prefix.length, :] = values
+            layers.append(_GrowingLayer.around(*grown, prefix.length))
+        cache = _cache_of(layers)
+        device = self.model.device
+        ids = torch.tensor([row[prefix.length :]], device=device)
+        mask = torch.ones((1, len(row)), dtype=torch.long, device=device)
+        positions = torch.arange(prefix.length, len(row), device=device)[None]
+        logits = self._forward(ids, mask, positions, cache)
+        return KVState(cache, mask, positions[:, -1:] + 1), logits
+
+    def _keep(self, rows: list[list[int]], state: KVState) -> None:
+        """Offer each prefilled row of ``state`` (left-padded to one length) to
+        `prefixes`. Only plain per-layer caches are kept, so only those are reused."""
+        if self.prefixes is None or not _mergeable(state):
+            return
+        width = state.attention_mask.shape[-1]
+        per_layer = _key_values(state.cache)
+        for index, row in enumerate(rows):
+            pad = width - len(row)
+            at = slice(index, index + 1)
+            self.prefixes.keep(row, [(k[at, :, pad:], v[at, :, pad:]) for k, v in per_layer])
 
     def _prefill_padded(self, rows: list[list[int]]) -> tuple[KVState, torch.Tensor]:
         width = max(len(r) for r in rows)

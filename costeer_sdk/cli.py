@@ -132,6 +132,14 @@ def demo(
 @click.option(
     "--step-delay", default=0.0, hidden=True, help="Added latency per answer (benchmarks)."
 )
+@click.option(
+    "--prefix-cache-mb",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Memory for reusing the prefill of prompts that start alike (0: off). Reuse shows "
+    "in timing, so clients sharing the server could tell each other's prefixes apart.",
+)
 @DTYPE
 def serve(
     model: str,
@@ -141,6 +149,7 @@ def serve(
     max_sessions: int,
     session_ttl: float,
     step_delay: float,
+    prefix_cache_mb: int,
     dtype: str,
 ) -> None:
     """Serve a cloud model over HTTP (the session protocol; see /docs)."""
@@ -155,6 +164,7 @@ def serve(
         session_ttl_s=session_ttl,
         step_delay_s=step_delay,
         dtype=dtype,
+        prefix_cache_bytes=prefix_cache_mb << 20,
     )
 
 

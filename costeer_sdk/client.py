@@ -23,6 +23,7 @@ from costeer_sdk.local import LocalModel
 from costeer_sdk.logs import get_logger
 from costeer_sdk.memory.base import MemoryStore
 from costeer_sdk.memory.retrieval import BM25Retriever, Retriever
+from costeer_sdk.prefixes import DEFAULT_PREFIX_CACHE_BYTES
 from costeer_sdk.remote import InProcessRemote, Remote, RemoteInfo
 from costeer_sdk.runtime import LoadedModel
 from costeer_sdk.scheduler import StepClock, steer
@@ -213,7 +214,10 @@ class PersonalLLM:
             else load_model(local, device=device, dtype=dtype, progress=progress)
         )
         llm = cls(
-            InProcessRemote(cloud_model, top_k=top_k),
+            # one process, one user: nobody else could time the reuse of a prefix
+            InProcessRemote(
+                cloud_model, top_k=top_k, prefix_cache_bytes=DEFAULT_PREFIX_CACHE_BYTES
+            ),
             LocalModel(local_model),
             steering,
             **options,  # type: ignore[arg-type]

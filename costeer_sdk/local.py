@@ -13,6 +13,7 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from costeer_sdk.batching import KVState, StepBatcher
+from costeer_sdk.prefixes import DEFAULT_PREFIX_CACHE_BYTES, PrefixCache
 from costeer_sdk.readout import NextTokenScores
 from costeer_sdk.runtime import LoadedModel
 
@@ -27,6 +28,9 @@ class LocalModel:
         model: the loaded local model.
         batch_generations: share forward passes between concurrent generations.
         batch_window_s: how long a pass may wait for the other running generations.
+        prefix_cache_bytes: memory for keeping prefilled branches, so that a
+            generation whose prompt starts like an earlier one's (the same user's
+            context, another query) prefills only the rest (`prefixes`); 0 turns it off.
     """
 
     def __init__(
@@ -35,9 +39,13 @@ class LocalModel:
         *,
         batch_generations: bool = True,
         batch_window_s: float = 0.02,
+        prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
     ) -> None:
         self.model = model
-        self.batcher = StepBatcher(model, enabled=batch_generations, window_s=batch_window_s)
+        self.prefixes = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes else None
+        self.batcher = StepBatcher(
+            model, enabled=batch_generations, window_s=batch_window_s, prefixes=self.prefixes
+        )
 
     @classmethod
     def from_spec(cls, spec: str, **load_options: Any) -> LocalModel:

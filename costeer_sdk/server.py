@@ -74,13 +74,16 @@ def create_app(
     max_body_bytes: int = 8 << 20,
     step_delay_s: float = 0.0,
     model_name: str | None = None,
+    prefix_cache_bytes: int = 0,
 ) -> FastAPI:
     """The ASGI app serving ``model``.
 
     ``step_delay_s`` adds latency to every model answer; it exists to emulate a remote
-    cloud in benchmarks and timeout tests.
+    cloud in benchmarks and timeout tests. ``prefix_cache_bytes`` lets sessions reuse
+    the prefill of prompts that start alike (`InProcessRemote`; off by default, since
+    reuse is visible in timing to the other clients of a shared server).
     """
-    remote = InProcessRemote(model)
+    remote = InProcessRemote(model, prefix_cache_bytes=prefix_cache_bytes)
     sessions: dict[str, _Session] = {}
     bearer = HTTPBearer(auto_error=False)
 
@@ -115,6 +118,7 @@ def create_app(
         description="Next-token log-probs for CoSteer clients (session protocol).",
     )
     app.state.sessions = sessions  # for operators' introspection and tests
+    app.state.remote = remote
     app.add_middleware(_BodyLimit, limit=max_body_bytes)
     app.include_router(
         openai_router(model, model_name or model.name), dependencies=[Depends(authorize)]
@@ -210,6 +214,7 @@ def serve(
     session_ttl_s: float = 600.0,
     step_delay_s: float = 0.0,
     dtype: torch.dtype | str = "auto",
+    prefix_cache_bytes: int = 0,
 ) -> None:
     """Load ``model_spec`` and serve it with uvicorn until interrupted."""
     import uvicorn
@@ -222,5 +227,6 @@ def serve(
         max_sessions=max_sessions,
         session_ttl_s=session_ttl_s,
         step_delay_s=step_delay_s,
+        prefix_cache_bytes=prefix_cache_bytes,
     )
     uvicorn.run(app, host=host, port=port, log_level="warning")
