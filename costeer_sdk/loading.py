@@ -31,7 +31,7 @@ import transformers
 from filelock import FileLock
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
 from costeer_sdk.builtins import BUILTIN_MODELS, BuiltinModel
 from costeer_sdk.errors import ConfigurationError, ModelCacheError, ModelNotFoundError
@@ -112,7 +112,8 @@ def load_model(
     log.info("model.load", spec=spec, source=source, device=str(device), dtype=str(weights))
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=weights)
+        options = {} if directory is None else {"config": _plain_config(directory)}
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=weights, **options)
     except OSError as exc:
         raise ModelNotFoundError(
             f"could not load {spec!r}: {exc}. Pass a Hub id that is in the local Hugging Face "
@@ -121,6 +122,21 @@ def load_model(
         ) from exc
     model.to(torch.device(device))  # type: ignore[arg-type]  # transformers stubs wrap .to
     return LoadedModel(name=spec, model=model, tokenizer=tokenizer)
+
+
+def _plain_config(directory: Path) -> PretrainedConfig:
+    """The directory's config, without GGUF quantization settings: a directory holds
+    plain tensors (GGUF-loaded models cannot be saved), and transformers writes those
+    settings into the config of a model loaded from GGUF, where they would attach a
+    quantizer that warns of packed weights that are not there."""
+    config = AutoConfig.from_pretrained(directory)
+    quantization = getattr(config, "quantization_config", None)
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else None
+    if method is None and quantization is not None:
+        method = getattr(quantization, "quant_method", None)
+    if str(method).lower().endswith("gguf"):
+        del config.quantization_config
+    return config
 
 
 def _single_gguf(path: Path) -> Path | None:
@@ -292,6 +308,8 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32
     )
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config  # the tensors saved below are dequantized
     model.config.save_pretrained(out)
     model.generation_config.save_pretrained(out)
     tokenizer.save_pretrained(out)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -114,3 +115,23 @@ def test_models_load_in_the_auto_dtype_by_default(tokenizer, tmp_path: Path) -> 
     assert weights == {resolve_dtype("auto")}
     narrow = load_model(str(tmp_path / "m"), dtype="float32").model.parameters()
     assert {p.dtype for p in narrow} == {torch.float32}
+
+
+def test_a_converted_gguf_directory_loads_as_the_plain_model_it_holds(  # type: ignore[no-untyped-def]
+    tokenizer, tmp_path: Path
+) -> None:
+    """A conversion from GGUF holds dequantized weights, but transformers writes the GGUF
+    quantization settings into its config; honoured, they attach a GGUF quantizer that
+    warns of packed weights and slow casts that are not there."""
+    save_tiny(tokenizer, tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "gguf", "dequantize": False, "gguf_file": "tiny.gguf"
+    }  # fmt: skip
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    model = load_model(str(tmp_path / "m"), dtype="float32")
+    assert getattr(model.model, "hf_quantizer", None) is None
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        expected = make_model(tokenizer, seed=11).model(ids).logits
+        torch.testing.assert_close(model.model(ids).logits, expected)
