@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from costeer_sdk.errors import ConfigurationError
+
 __all__ = ["DEFAULT_PREFIX_CACHE_BYTES", "CachedPrefix", "PrefixCache"]
 
 DEFAULT_PREFIX_CACHE_BYTES = 256 << 20
@@ -63,7 +65,10 @@ class PrefixCache:
         self, max_bytes: int = DEFAULT_PREFIX_CACHE_BYTES, *, min_tokens: int = 16
     ) -> None:
         if max_bytes < 0 or min_tokens < 1:
-            raise ValueError("max_bytes must be >= 0 and min_tokens >= 1")
+            raise ConfigurationError(
+                f"a prefix cache needs max_bytes >= 0 and min_tokens >= 1, got {max_bytes} "
+                f"and {min_tokens}"
+            )
         self.max_bytes = max_bytes
         self.min_tokens = min_tokens
         self._entries: OrderedDict[int, _Entry] = OrderedDict()

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from costeer_sdk import InProcessRemote, LoadedModel, PersonalLLM
+from costeer_sdk import ConfigurationError, InProcessRemote, LoadedModel, PersonalLLM
 from costeer_sdk.batching import StepBatcher
 from costeer_sdk.http_remote import SessionRemote
 from costeer_sdk.local import LocalModel
@@ -141,11 +141,13 @@ def test_what_is_found_is_not_written_by_its_users() -> None:
     assert found is not None and float(found.layers[0][0].max()) == 1.0
 
 
-def test_bad_budgets_are_refused() -> None:
-    with pytest.raises(ValueError):
+def test_bad_budgets_are_configuration_errors(local_model: LoadedModel) -> None:
+    with pytest.raises(ConfigurationError, match="max_bytes"):
         PrefixCache(max_bytes=-1)
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigurationError, match="min_tokens"):
         PrefixCache(min_tokens=0)
+    with pytest.raises(ConfigurationError):
+        LocalModel(local_model, prefix_cache_bytes=-5)
 
 
 async def test_one_users_concurrent_generations_prefill_the_context_once(
