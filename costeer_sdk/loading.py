@@ -16,13 +16,14 @@ next load is seconds, and a cache whose files changed is rebuilt instead of load
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.resources
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import platformdirs
@@ -113,7 +114,8 @@ def load_model(
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         options = {} if directory is None else {"config": _plain_config(directory)}
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=weights, **options)
+        with _progress_bars(progress):
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=weights, **options)
     except OSError as exc:
         raise ModelNotFoundError(
             f"could not load {spec!r}: {exc}. Pass a Hub id that is in the local Hugging Face "
@@ -122,6 +124,20 @@ def load_model(
         ) from exc
     model.to(torch.device(device))  # type: ignore[arg-type]  # transformers stubs wrap .to
     return LoadedModel(name=spec, model=model, tokenizer=tokenizer)
+
+
+@contextlib.contextmanager
+def _progress_bars(shown: bool) -> Iterator[None]:
+    """Let transformers draw its progress bars (its "Loading weights") only if ``shown``;
+    its switch is global, so it is put back as it was."""
+    was = transformers.utils.logging.is_progress_bar_enabled()
+    if not shown and was:
+        transformers.utils.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if not shown and was:
+            transformers.utils.logging.enable_progress_bar()
 
 
 def _plain_config(directory: Path) -> PretrainedConfig:

@@ -135,3 +135,17 @@ def test_a_converted_gguf_directory_loads_as_the_plain_model_it_holds(  # type: 
     with torch.no_grad():
         expected = make_model(tokenizer, seed=11).model(ids).logits
         torch.testing.assert_close(model.model(ids).logits, expected)
+
+
+def test_progress_false_draws_no_progress_bars(  # type: ignore[no-untyped-def]
+    tokenizer, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    import transformers
+
+    save_tiny(tokenizer, tmp_path / "m")
+    capfd.readouterr()
+    load_model(str(tmp_path / "m"), progress=False)
+    assert "Loading weights" not in capfd.readouterr().err
+    assert transformers.utils.logging.is_progress_bar_enabled()  # put back
+    load_model(str(tmp_path / "m"))
+    assert "Loading weights" in capfd.readouterr().err
