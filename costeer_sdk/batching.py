@@ -15,7 +15,7 @@ logits can skip the projection onto the vocabulary (`readout`).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -32,7 +32,11 @@ from costeer_sdk.runtime import LoadedModel, cache_argument
 __all__ = ["KVState", "StepBatcher"]
 
 PREFILL_PADDING_SHARE = 0.25
-"""Rows are prefilled one by one when padding would be more than this share of a batch."""
+"""Rows are prefilled in separate passes when padding would be more than this share of
+a pass."""
+
+Prefilled = tuple["KVState", torch.Tensor]
+"""A prefilled sequence group's state and its rows' next-token logits ``[rows, vocab]``."""
 
 
 @dataclass(eq=False)
@@ -145,6 +149,65 @@ def _truncate(cache: DynamicCache, length: int) -> None:
             layer.crop(length - layer.get_seq_length())  # a negative crop removes tokens
 
 
+def _plan(
+    rows: list[list[int]], todo: list[int], found: list[CachedPrefix | None]
+) -> Iterator[tuple[list[int], CachedPrefix | None]]:
+    """Which of the rows ``todo`` (indices) to prefill together, and the prefix they
+    share: rows that start with the same kept row (from the shortest prefix any of them
+    shares with it) or with none, by length, cut where padding would pass its share."""
+    by_source: dict[int | None, list[int]] = {}
+    for index in todo:
+        prefix = found[index]
+        by_source.setdefault(prefix.source if prefix else None, []).append(index)
+    for source, members in by_source.items():
+        shared = None
+        if source is not None:
+            reused = [p for p in (found[i] for i in members) if p is not None]
+            shared = reused[0].cut(min(p.length for p in reused))
+        done = shared.length if shared else 0
+        members.sort(key=lambda i: len(rows[i]))
+        chunk: list[int] = []
+        for index in members:  # by length: the last row of a chunk is its widest
+            width = len(rows[index]) - done
+            padding = sum(width - (len(rows[i]) - done) for i in chunk)
+            if chunk and padding > PREFILL_PADDING_SHARE * (len(chunk) + 1) * width:
+                yield chunk, shared
+                chunk = []
+            chunk.append(index)
+        yield chunk, shared
+
+
+def _cache_with(prefix: CachedPrefix, pads: list[int], width: int) -> DynamicCache:
+    """A cache of ``len(pads)`` rows holding ``prefix``'s positions after each row's left
+    padding (zeros: masked, but not NaN), with room for ``width`` positions in all."""
+    layers = []
+    for keys, values in prefix.layers:
+        grown = []
+        for kept in (keys, values):
+            buffer = kept.new_zeros((len(pads), kept.shape[1], width, kept.shape[-1]))
+            for row, pad in enumerate(pads):
+                if pad < prefix.length:  # else the pass computes the whole row
+                    buffer[row, :, pad : prefix.length] = kept[0, :, : prefix.length - pad]
+            grown.append(buffer)
+        layers.append(_GrowingLayer.around(grown[0], grown[1], prefix.length))
+    return _cache_of(layers)
+
+
+def _rows_of(state: KVState, rows: list[list[int]]) -> list[KVState]:
+    """Each row of a left-padded state as a state of its own, without its padding
+    (views into the state's tensors, no copy)."""
+    width = state.attention_mask.shape[-1]
+    layers: list[_GrowingLayer] = list(state.cache.layers)  # type: ignore[arg-type]
+    states = []
+    for index, row in enumerate(rows):
+        where, pad = slice(index, index + 1), width - len(row)
+        cache = _cache_of([layer.rows(where, pad) for layer in layers])
+        states.append(
+            KVState(cache, state.attention_mask[where, pad:], state.next_positions[where])
+        )
+    return states
+
+
 def _mergeable(state: KVState) -> bool:
     """Plain per-layer key/value tensors (not sliding-window or recurrent layers)."""
     return state.batch is not None or all(
@@ -219,11 +282,21 @@ class StepBatcher:
         self._steps: Gatherer[KVState, tuple[int, bool], NextTokenScores] = Gatherer(
             self._run_steps, window_s=window_s, enabled=enabled
         )
+        # An open never recurs, so there is nothing to wait for: opens that queue while
+        # a pass runs are prefilled together in the next.
+        self._opens: Gatherer[object, list[list[int]], Prefilled] = Gatherer(
+            self._run_opens, window_s=0.0, enabled=enabled
+        )
 
-    async def open(self, rows: Sequence[Sequence[int]]) -> tuple[KVState, torch.Tensor]:
-        """Prefill the rows (left-padded to one length); return the state and the
-        next-token logits ``[rows, vocab]``."""
-        return await self.model.run(self._prefill, [list(r) for r in rows])
+    async def open(self, rows: Sequence[Sequence[int]]) -> Prefilled:
+        """Prefill the rows (one sequence group); return its state and the next-token
+        logits ``[rows, vocab]``. Opens that arrive together are prefilled together."""
+        return await self._opens.submit(object(), [list(r) for r in rows])
+
+    async def _run_opens(
+        self, items: list[tuple[object, list[list[int]]]]
+    ) -> list[Prefilled | Exception]:
+        return await self.model.run(self._prefill_isolated, [rows for _, rows in items])
 
     async def step(
         self, state: KVState, token_id: int, *, all_logits: bool = True
@@ -273,54 +346,86 @@ class StepBatcher:
         return self.model.model(**inputs, logits_to_keep=1).logits[:, -1].float()
 
     def _prefill(self, rows: list[list[int]]) -> tuple[KVState, torch.Tensor]:
-        """Prefill as one left-padded batch when the rows are about as long, or else
-        each row on its own, merged afterwards: a private prompt is often many times
-        the public one, and a padded batch would spend as much compute on padding.
-        A row that starts with a kept prefix (`prefixes`) computes only the rest."""
+        """Prefill one sequence group's rows (`_prefill_many` of one)."""
+        return self._prefill_many([rows])[0]
+
+    def _prefill_isolated(self, groups: list[list[list[int]]]) -> list[Prefilled | Exception]:
+        """`_prefill_many`; if that fails, each group alone, so a bad one fails alone."""
+        try:
+            return list(self._prefill_many(groups))
+        except Exception:
+            if len(groups) == 1:
+                raise
+        results: list[Prefilled | Exception] = []
+        for rows in groups:
+            try:
+                results.append(self._prefill_many([rows])[0])
+            except Exception as exc:
+                results.append(exc)
+        return results
+
+    def _prefill_many(self, groups: list[list[list[int]]]) -> list[Prefilled]:
+        """Prefill several sequence groups' rows in as few passes as padding allows.
+
+        Rows of about one length share a left-padded pass; a private prompt is often
+        many times the public one, and padding it would cost as much as the prompt.
+        Rows starting with a kept prefix (`prefixes`) compute only the rest, in one pass
+        with the other rows that start with the same kept row; of rows that share a
+        prefix nobody kept yet (one user's concurrent generations), one is prefilled
+        first, so the others reuse it. Each group's rows are then merged into one cache
+        of their own."""
+        rows = [row for group in groups for row in group]
+        per_row: list[Prefilled | None] = [None] * len(rows)
         prefixes = self.prefixes
         found = [prefixes.find(r) if prefixes is not None else None for r in rows]
-        width = max(len(r) for r in rows)
-        padding = len(rows) * width - sum(len(r) for r in rows)
-        if not any(found) and (
-            len(rows) == 1 or padding <= PREFILL_PADDING_SHARE * len(rows) * width
+        todo = list(range(len(rows)))
+        if prefixes is not None:  # of rows sharing a prefix not kept yet, one goes first
+            fresh = [r if f is None else None for r, f in zip(rows, found, strict=True)]
+            first = prefixes.leaders(fresh)
+            if first:
+                if not self._passes(rows, first, [None] * len(rows), per_row):
+                    return [self._prefill_padded(group) for group in groups]
+                todo = [i for i in todo if per_row[i] is None]
+                found = [
+                    prefixes.find(rows[i]) if fresh[i] is not None and i in todo else found[i]
+                    for i in range(len(rows))
+                ]
+        if not self._passes(rows, todo, found, per_row):
+            return [self._prefill_padded(group) for group in groups]
+        results = []
+        for start, group in zip(
+            itertools.accumulate((len(g) for g in groups), initial=0), groups, strict=False
         ):
-            state, logits = self._prefill_padded(rows)
-            self._keep(rows, state)
-            return state, logits
-        alone = [self._prefill_row(r, prefix) for r, prefix in zip(rows, found, strict=True)]
-        states = [state for state, _ in alone]
-        if not all(_mergeable(s) for s in states):  # never with a prefix: see `_keep`
-            return self._prefill_padded(rows)
-        for row, state in zip(rows, states, strict=True):
-            self._keep([row], state)
-        if len(alone) == 1:
-            return alone[0]
-        merged = _merge(states)
-        for state in states:
-            state.batch = None
-        joined = KVState(merged.cache, merged.attention_mask, merged.next_positions)
-        return joined, torch.cat([logits for _, logits in alone])
+            parts = [part for part in per_row[start : start + len(group)] if part is not None]
+            if len(parts) == 1:
+                results.append(parts[0])
+                continue
+            states = [state for state, _ in parts]
+            merged = _merge(states)
+            for state in states:
+                state.batch = None
+            joined = KVState(merged.cache, merged.attention_mask, merged.next_positions)
+            results.append((joined, torch.cat([logits for _, logits in parts])))
+        return results
 
-    def _prefill_row(
-        self, row: list[int], prefix: CachedPrefix | None
-    ) -> tuple[KVState, torch.Tensor]:
-        """Prefill one row, continuing from a copy of ``prefix``'s cache if given."""
-        if prefix is None:
-            return self._prefill_padded([row])
-        layers = []
-        for keys, values in prefix.layers:
-            shape = (*keys.shape[:-2], 2 * len(row), keys.shape[-1])  # room to grow
-            grown = keys.new_empty(shape), values.new_empty(shape)
-            grown[0][..., : prefix.length, :] = keys
-            grown[1][..., : prefix.length, :] = values
-            layers.append(_GrowingLayer.around(*grown, prefix.length))
-        cache = _cache_of(layers)
-        device = self.model.device
-        ids = torch.tensor([row[prefix.length :]], device=device)
-        mask = torch.ones((1, len(row)), dtype=torch.long, device=device)
-        positions = torch.arange(prefix.length, len(row), device=device)[None]
-        logits = self._forward(ids, mask, positions, cache)
-        return KVState(cache, mask, positions[:, -1:] + 1), logits
+    def _passes(
+        self,
+        rows: list[list[int]],
+        todo: list[int],
+        found: list[CachedPrefix | None],
+        per_row: list[Prefilled | None],
+    ) -> bool:
+        """Prefill rows ``todo`` (`_plan`), keep them and fill in ``per_row``; False if the
+        model's caches cannot be split into rows (sliding windows, recurrent layers)."""
+        for members, prefix in _plan(rows, todo, found):
+            chunk = [rows[i] for i in members]
+            state, logits = self._prefill_padded(chunk, prefix)
+            if not _mergeable(state):  # no prefix is ever kept for such caches
+                return False
+            self._keep(chunk, state)
+            for j, (i, row_state) in enumerate(zip(members, _rows_of(state, chunk), strict=True)):
+                per_row[i] = (row_state, logits[j : j + 1])
+        return True
 
     def _keep(self, rows: list[list[int]], state: KVState) -> None:
         """Offer each prefilled row of ``state`` (left-padded to one length) to
@@ -334,7 +439,13 @@ class StepBatcher:
             at = slice(index, index + 1)
             self.prefixes.keep(row, [(k[at, :, pad:], v[at, :, pad:]) for k, v in per_layer])
 
-    def _prefill_padded(self, rows: list[list[int]]) -> tuple[KVState, torch.Tensor]:
+    def _prefill_padded(
+        self, rows: list[list[int]], prefix: CachedPrefix | None = None
+    ) -> Prefilled:
+        """One pass over the rows, left-padded to one length. With ``prefix`` (which
+        every row starts with) its positions are copied into the cache first and the
+        pass computes the rest; a row padded by ``p`` positions recomputes the last
+        ``p`` of them, as the pass is a rectangle."""
         width = max(len(r) for r in rows)
         pad = self.model.tokenizer.pad_token_id or 0
         device = self.model.device
@@ -344,8 +455,11 @@ class StepBatcher:
             ids[index, width - len(seq) :] = torch.tensor(seq, device=device)
             mask[index, width - len(seq) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = new_cache()
-        logits = self._forward(ids, mask, positions, cache)
+        if prefix is None:
+            cache, done = new_cache(), 0
+        else:
+            cache, done = _cache_with(prefix, [width - len(r) for r in rows], width), prefix.length
+        logits = self._forward(ids[:, done:], mask, positions[:, done:], cache)
         return KVState(cache, mask, positions[:, -1:] + 1), logits
 
     def _step_many(self, items: list[tuple[KVState, tuple[int, bool]]]) -> list[NextTokenScores]:

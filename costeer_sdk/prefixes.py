@@ -41,6 +41,12 @@ class CachedPrefix:
 
     length: int
     layers: list[LayerKV]  # views of the kept tensors, ``length`` positions long
+    source: int  # which kept row: rows reusing one can be prefilled in one pass
+
+    def cut(self, length: int) -> CachedPrefix:
+        """The first ``length`` positions of this prefix."""
+        layers = [(k[..., :length, :], v[..., :length, :]) for k, v in self.layers]
+        return CachedPrefix(length, layers, self.source)
 
 
 @dataclass(eq=False)
@@ -110,9 +116,31 @@ class PrefixCache:
             self._entries.move_to_end(key)
             self.hits += 1
             self.reused_tokens += length
-        return CachedPrefix(
-            length, [(k[..., :length, :], v[..., :length, :]) for k, v in entry.layers]
-        )
+        return CachedPrefix(len(entry.ids), entry.layers, key).cut(length)
+
+    def leaders(self, rows: Sequence[Sequence[int] | None]) -> list[int]:
+        """Of rows about to be prefilled together (None: not to consider), those to
+        prefill first: one of every set of rows that share a prefix worth reusing, so
+        the others find it kept."""
+        if self.max_bytes == 0:
+            return []
+        ids = [None if r is None else torch.tensor(r, dtype=torch.long) for r in rows]
+        claimed: set[int] = set()
+        first = []
+        for i, row in enumerate(ids):
+            if row is None or i in claimed:
+                continue
+            followers = {
+                j
+                for j in range(i + 1, len(ids))
+                if j not in claimed
+                and (other := ids[j]) is not None
+                and _common_prefix(row, other[:-1]) >= self.min_tokens
+            }
+            if followers:
+                first.append(i)
+                claimed |= followers
+        return first
 
     def keep(self, ids: Sequence[int], layers: Sequence[LayerKV]) -> None:
         """Keep a prefilled row: its token ids and, per layer, keys and values

@@ -80,7 +80,7 @@ async def test_reused_prefixes_answer_as_a_full_prefill(local_model: LoadedModel
 async def test_padded_prefills_are_kept_without_their_padding(local_model: LoadedModel) -> None:
     prefixes = PrefixCache()
     batcher = StepBatcher(local_model, prefixes=prefixes)
-    rows = [CONTEXT + PUBLIC_A, CONTEXT[:-2] + PUBLIC_B]  # about as long: one padded pass
+    rows = [CONTEXT + PUBLIC_A, list(range(100, 141))]  # about as long: one padded pass
     with positions_computed(local_model) as seen:
         await walk(batcher, rows, 0)
     assert seen == [len(rows[0])]
@@ -201,3 +201,69 @@ async def test_costeer_serve_reuses_prompt_prefixes_only_when_asked(
             assert seen == [len(prompts[0]), len(PUBLIC_B)] and prefixes.hits == 1
         else:
             assert seen == [len(p) for p in prompts] and prefixes is None
+
+
+async def walk_together(
+    batcher: StepBatcher, requests: list[list[list[int]]], steps: int
+) -> list[list[torch.Tensor]]:
+    return list(await asyncio.gather(*(walk(batcher, rows, steps) for rows in requests)))
+
+
+async def test_opens_arriving_together_share_passes_and_answer_as_alone(
+    local_model: LoadedModel,
+) -> None:
+    requests = [
+        [list(range(100 + 7 * i, 130 + 9 * i)), [50 + i, 51, 52]] for i in range(4)
+    ]  # private rows of 30-57 tokens, public rows of 3: each open alone takes two passes
+    alone = [await walk(StepBatcher(local_model, enabled=False), r, 4) for r in requests]
+    with positions_computed(local_model) as seen:
+        together = await walk_together(StepBatcher(local_model), requests, 4)
+    prefill_passes = [n for n in seen if n > 1]
+    assert len(prefill_passes) < 2 * len(requests), seen
+    for mine, reference in zip(together, alone, strict=True):
+        for a, b in zip(mine, reference, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+async def test_a_bad_open_among_others_fails_alone(local_model: LoadedModel) -> None:
+    batcher = StepBatcher(local_model)
+    vocab = local_model.vocab_size
+    requests = [[CONTEXT + PUBLIC_A, PUBLIC_A], [[5, 6, vocab + 3]], [PUBLIC_B]]
+    results = await asyncio.gather(*(batcher.open(r) for r in requests), return_exceptions=True)
+    assert isinstance(results[1], IndexError)
+    assert not isinstance(results[0], BaseException) and results[0][1].shape[0] == 2
+    assert not isinstance(results[2], BaseException) and results[2][1].shape[0] == 1
+
+
+async def test_rows_sharing_a_prefix_nobody_kept_compute_it_once(
+    local_model: LoadedModel,
+) -> None:
+    requests = [[CONTEXT + [50 + i] * (i + 1), [60 + i] * 3] for i in range(4)]
+    alone = [await walk(StepBatcher(local_model), r, 3) for r in requests]
+    prefixes = PrefixCache()
+    with positions_computed(local_model) as seen:
+        together = await walk_together(StepBatcher(local_model, prefixes=prefixes), requests, 3)
+    private_positions = sum(len(r[0]) for r in requests)
+    assert sum(n for n in seen if n > 1) < private_positions / 2, seen
+    assert prefixes.hits >= 3
+    for mine, reference in zip(together, alone, strict=True):
+        for a, b in zip(mine, reference, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+async def test_a_pass_over_one_kept_prefix_pads_rows_past_it(local_model: LoadedModel) -> None:
+    """Rows reusing one kept row share its shortest reused prefix; a row padded by more
+    than that prefix recomputes all of itself. Every row answers as if prefilled alone."""
+    prefixes = PrefixCache()
+    batcher = StepBatcher(local_model, prefixes=prefixes)
+    await walk(batcher, [CONTEXT + PUBLIC_A], 0)  # kept: 43 tokens
+    requests = [[CONTEXT[:30] + [70 + i] * 90] for i in range(3)]  # reuse 30, 120 long
+    requests.append([CONTEXT[:20] + [73] * 70])  # reuses 20; padded by 30 in the pass
+    alone = [await walk(StepBatcher(local_model), r, 3) for r in requests]
+    with positions_computed(local_model) as seen:
+        together = await walk_together(batcher, requests, 3)
+    assert seen[0] == 120 - 20  # one pass, from the shortest reused prefix to the widest row
+    assert prefixes.hits == 4
+    for mine, reference in zip(together, alone, strict=True):
+        for a, b in zip(mine, reference, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
