@@ -10,6 +10,10 @@ split up again when that set changes. Which steps arrive together is
 `gathering.Gatherer`'s business; every pass runs on the model's worker thread
 (`LoadedModel.run`), never on the event loop. A step that will need only a few tokens'
 logits can skip the projection onto the vocabulary (`readout`).
+
+Prefills that arrive together (a burst of new generations or sessions) share passes as
+well, as far as their lengths allow, and a prompt that starts like one prefilled before
+reuses that prefix's cache (`prefixes`).
 """
 
 from __future__ import annotations
