@@ -182,9 +182,16 @@ class Evaluator:
         self.max_new_tokens = max_new_tokens
         template = task.template
         remote = InProcessRemote(cloud, top_k=top_k) if isinstance(cloud, LoadedModel) else cloud
-        self.pair = PersonalLLM(remote, LocalModel(local), steering, context_template=template)
+        # No prefix cache: a reused prefix can move a bfloat16 near tie, so a row would
+        # depend on which rows ran before it in this process (and a resumed run would
+        # differ); the examples' histories share little beyond the template's heading.
+        self.pair = PersonalLLM(
+            remote, LocalModel(local, prefix_cache_bytes=0), steering, context_template=template
+        )
         self.local_alone = PersonalLLM(
-            InProcessRemote(local, top_k=top_k), LocalModel(local), context_template=template
+            InProcessRemote(local, top_k=top_k),
+            LocalModel(local, prefix_cache_bytes=0),
+            context_template=template,
         )
 
     async def generate(self, example: Example, history: list[str], method: str) -> dict[str, Any]:
