@@ -349,7 +349,7 @@ class StepBatcher:
             return decoder(**inputs).last_hidden_state[:, -1]
         return self.model.model(**inputs, logits_to_keep=1).logits[:, -1].float()
 
-    def _prefill(self, rows: list[list[int]]) -> tuple[KVState, torch.Tensor]:
+    def _prefill(self, rows: list[list[int]]) -> Prefilled:
         """Prefill one sequence group's rows (`_prefill_many` of one)."""
         return self._prefill_many([rows])[0]
 
@@ -401,6 +401,7 @@ class StepBatcher:
             itertools.accumulate((len(g) for g in groups), initial=0), groups, strict=False
         ):
             parts = [part for part in per_row[start : start + len(group)] if part is not None]
+            assert len(parts) == len(group), "a row was left out of every pass"
             if len(parts) == 1:
                 results.append(parts[0])
                 continue
@@ -448,8 +449,8 @@ class StepBatcher:
     ) -> Prefilled:
         """One pass over the rows, left-padded to one length. With ``prefix`` (which
         every row starts with) its positions are copied into the cache first and the
-        pass computes the rest; a row padded by ``p`` positions recomputes the last
-        ``p`` of them, as the pass is a rectangle."""
+        pass computes the rest; a row padded by ``p`` positions recomputes the prefix's
+        last ``p`` (all of it if ``p`` is longer), as the pass is a rectangle."""
         width = max(len(r) for r in rows)
         pad = self.model.tokenizer.pad_token_id or 0
         device = self.model.device
