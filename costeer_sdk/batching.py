@@ -420,29 +420,19 @@ class StepBatcher:
         found: list[CachedPrefix | None],
         per_row: list[Prefilled | None],
     ) -> bool:
-        """Prefill rows ``todo`` (`_plan`), keep them and fill in ``per_row``; False if the
-        model's caches cannot be split into rows (sliding windows, recurrent layers)."""
+        """Prefill rows ``todo`` (`_plan`), offer each to `prefixes` and fill in
+        ``per_row``; False if the model's caches cannot be split into rows (sliding
+        windows, recurrent layers), which is also why only plain caches are ever kept."""
         for members, prefix in _plan(rows, todo, found):
             chunk = [rows[i] for i in members]
             state, logits = self._prefill_padded(chunk, prefix)
-            if not _mergeable(state):  # no prefix is ever kept for such caches
+            if not _mergeable(state):
                 return False
-            self._keep(chunk, state)
             for j, (i, row_state) in enumerate(zip(members, _rows_of(state, chunk), strict=True)):
+                if self.prefixes is not None:
+                    self.prefixes.keep(rows[i], _key_values(row_state.cache))
                 per_row[i] = (row_state, logits[j : j + 1])
         return True
-
-    def _keep(self, rows: list[list[int]], state: KVState) -> None:
-        """Offer each prefilled row of ``state`` (left-padded to one length) to
-        `prefixes`. Only plain per-layer caches are kept, so only those are reused."""
-        if self.prefixes is None or not _mergeable(state):
-            return
-        width = state.attention_mask.shape[-1]
-        per_layer = _key_values(state.cache)
-        for index, row in enumerate(rows):
-            pad = width - len(row)
-            at = slice(index, index + 1)
-            self.prefixes.keep(row, [(k[at, :, pad:], v[at, :, pad:]) for k, v in per_layer])
 
     def _prefill_padded(
         self, rows: list[list[int]], prefix: CachedPrefix | None = None
