@@ -14,6 +14,7 @@ from typing import TextIO, TypeVar
 import click
 
 from costeer_sdk.builtins import DEFAULT_CLOUD, DEFAULT_LOCAL
+from costeer_sdk.cli_options import DTYPE
 from costeer_sdk.evaluation.command import eval_command
 from costeer_sdk.fusion import SteeringConfig
 from costeer_sdk.memory import SQLiteMemoryStore
@@ -50,16 +51,6 @@ def side_by_side(left_title: str, left: str, right_title: str, right: str) -> st
 def main(verbose: bool) -> None:
     """costeer: personalize a cloud LLM with a local model, token by token."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
-
-
-DTYPE = click.option(
-    "--dtype",
-    type=click.Choice(["auto", "float32", "bfloat16"]),
-    default="auto",
-    show_default=True,
-    help="Model weights and activations; auto is bfloat16 on CPUs with AMX (and GPUs "
-    "that support it), float32 elsewhere.",
-)
 
 
 @main.command()

@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from costeer_sdk.builtins import DEFAULT_CLOUD, DEFAULT_LOCAL
+from costeer_sdk.cli_options import DTYPE
 from costeer_sdk.fusion import SteeringConfig
 from costeer_sdk.remote import Remote
 
@@ -74,13 +75,7 @@ _DEFAULTS = SteeringConfig()
     show_default=True,
     help="Steer over the cloud's top-k tokens; 0 for the full vocabulary.",
 )
-@click.option(
-    "--dtype",
-    type=click.Choice(["auto", "float32", "bfloat16"]),
-    default="auto",
-    show_default=True,
-    help="Both models' weights and activations (auto: bfloat16 on CPUs with AMX).",
-)
+@DTYPE
 def eval_command(
     task: str,
     data: Path,
