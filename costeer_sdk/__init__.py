@@ -5,14 +5,22 @@ user, while the user's private context never leaves the device (CoSteer, arXiv 2
 from costeer_sdk.client import Generation, GenerationStats, GenerationStream, PersonalLLM
 from costeer_sdk.context import ContextTemplate
 from costeer_sdk.errors import (
+    AuthenticationError,
+    BadRequestError,
+    ClientClosedError,
     ConfigurationError,
+    ConflictError,
     ContextTruncatedWarning,
     CoSteerError,
     GenerationInterrupted,
     ModelCacheError,
     ModelNotFoundError,
+    NotFoundError,
+    PermissionDeniedError,
+    RateLimitError,
     RemoteError,
     RemoteProtocolError,
+    RemoteStatusError,
     RemoteUnavailable,
     TokenizerMismatchError,
 )
@@ -24,8 +32,12 @@ from costeer_sdk.runtime import LoadedModel
 __version__ = "0.1.0"
 
 __all__ = [
+    "AuthenticationError",
+    "BadRequestError",
+    "ClientClosedError",
     "CoSteerError",
     "ConfigurationError",
+    "ConflictError",
     "ContextTemplate",
     "ContextTruncatedWarning",
     "Generation",
@@ -38,12 +50,16 @@ __all__ = [
     "ModelCacheError",
     "ModelNotFoundError",
     "NextTokenLogprobs",
+    "NotFoundError",
+    "PermissionDeniedError",
     "PersonalLLM",
+    "RateLimitError",
     "Remote",
     "RemoteError",
     "RemoteInfo",
     "RemoteProtocolError",
     "RemoteSession",
+    "RemoteStatusError",
     "RemoteUnavailable",
     "SteeringConfig",
     "TokenizerMismatchError",

@@ -29,7 +29,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from costeer_sdk.gathering import Gatherer
-from costeer_sdk.prefixes import CachedPrefix, PrefixCache
+from costeer_sdk.prefixes import CachedPrefix, PrefixCache, Scope
 from costeer_sdk.readout import NextTokenScores, output_head
 from costeer_sdk.runtime import LoadedModel, cache_argument
 
@@ -288,19 +288,20 @@ class StepBatcher:
         )
         # An open never recurs, so there is nothing to wait for: opens that queue while
         # a pass runs are prefilled together in the next.
-        self._opens: Gatherer[object, list[list[int]], Prefilled] = Gatherer(
+        self._opens: Gatherer[object, tuple[list[list[int]], Scope], Prefilled] = Gatherer(
             self._run_opens, window_s=0.0, enabled=enabled
         )
 
-    async def open(self, rows: Sequence[Sequence[int]]) -> Prefilled:
+    async def open(self, rows: Sequence[Sequence[int]], scope: Scope = None) -> Prefilled:
         """Prefill the rows (one sequence group); return its state and the next-token
-        logits ``[rows, vocab]``. Opens that arrive together are prefilled together."""
-        return await self._opens.submit(object(), [list(r) for r in rows])
+        logits ``[rows, vocab]``. Opens that arrive together are prefilled together;
+        kept prefixes are reused only within ``scope`` (`prefixes.Scope`)."""
+        return await self._opens.submit(object(), ([list(r) for r in rows], scope))
 
     async def _run_opens(
-        self, items: list[tuple[object, list[list[int]]]]
+        self, items: list[tuple[object, tuple[list[list[int]], Scope]]]
     ) -> list[Prefilled | Exception]:
-        return await self.model.run(self._prefill_isolated, [rows for _, rows in items])
+        return await self.model.run(self._prefill_isolated, [opening for _, opening in items])
 
     async def step(
         self, state: KVState, token_id: int, *, all_logits: bool = True
@@ -349,11 +350,13 @@ class StepBatcher:
             return decoder(**inputs).last_hidden_state[:, -1]
         return self.model.model(**inputs, logits_to_keep=1).logits[:, -1].float()
 
-    def _prefill(self, rows: list[list[int]]) -> Prefilled:
+    def _prefill(self, rows: list[list[int]], scope: Scope = None) -> Prefilled:
         """Prefill one sequence group's rows (`_prefill_many` of one)."""
-        return self._prefill_many([rows])[0]
+        return self._prefill_many([(rows, scope)])[0]
 
-    def _prefill_isolated(self, groups: list[list[list[int]]]) -> list[Prefilled | Exception]:
+    def _prefill_isolated(
+        self, groups: list[tuple[list[list[int]], Scope]]
+    ) -> list[Prefilled | Exception]:
         """`_prefill_many`; if that fails, each group alone, so a bad one fails alone."""
         try:
             return list(self._prefill_many(groups))
@@ -361,14 +364,14 @@ class StepBatcher:
             if len(groups) == 1:
                 raise
         results: list[Prefilled | Exception] = []
-        for rows in groups:
+        for group in groups:
             try:
-                results.append(self._prefill_many([rows])[0])
+                results.append(self._prefill_many([group])[0])
             except Exception as exc:
                 results.append(exc)
         return results
 
-    def _prefill_many(self, groups: list[list[list[int]]]) -> list[Prefilled]:
+    def _prefill_many(self, opened: list[tuple[list[list[int]], Scope]]) -> list[Prefilled]:
         """Prefill several sequence groups' rows in as few passes as padding allows.
 
         Rows of about one length share a left-padded pass; a private prompt is often
@@ -377,24 +380,31 @@ class StepBatcher:
         with the other rows that start with the same kept row; of rows that share a
         prefix nobody kept yet (one user's concurrent generations), one is prefilled
         first, so the others reuse it. Each group's rows are then merged into one cache
-        of their own."""
+        of their own. A row reuses only what rows of its group's scope kept."""
+        groups = [rows for rows, _ in opened]
         rows = [row for group in groups for row in group]
+        scopes = [scope for group, scope in opened for _ in group]
         per_row: list[Prefilled | None] = [None] * len(rows)
         prefixes = self.prefixes
-        found = [prefixes.find(r) if prefixes is not None else None for r in rows]
+        found = [
+            prefixes.find(r, s) if prefixes is not None else None
+            for r, s in zip(rows, scopes, strict=True)
+        ]
         todo = list(range(len(rows)))
         if prefixes is not None:  # of rows sharing a prefix not kept yet, one goes first
             fresh = [r if f is None else None for r, f in zip(rows, found, strict=True)]
-            first = prefixes.leaders(fresh)
+            first = prefixes.leaders(fresh, scopes)
             if first:
-                if not self._passes(rows, first, [None] * len(rows), per_row):
+                if not self._passes(rows, scopes, first, [None] * len(rows), per_row):
                     return [self._prefill_padded(group) for group in groups]
                 todo = [i for i in todo if per_row[i] is None]
                 found = [
-                    prefixes.find(rows[i]) if fresh[i] is not None and i in todo else found[i]
+                    prefixes.find(rows[i], scopes[i])
+                    if fresh[i] is not None and i in todo
+                    else found[i]
                     for i in range(len(rows))
                 ]
-        if not self._passes(rows, todo, found, per_row):
+        if not self._passes(rows, scopes, todo, found, per_row):
             return [self._prefill_padded(group) for group in groups]
         results = []
         for start, group in zip(
@@ -416,6 +426,7 @@ class StepBatcher:
     def _passes(
         self,
         rows: list[list[int]],
+        scopes: list[Scope],
         todo: list[int],
         found: list[CachedPrefix | None],
         per_row: list[Prefilled | None],
@@ -430,7 +441,7 @@ class StepBatcher:
                 return False
             for j, (i, row_state) in enumerate(zip(members, _rows_of(state, chunk), strict=True)):
                 if self.prefixes is not None:
-                    self.prefixes.keep(rows[i], _key_values(row_state.cache))
+                    self.prefixes.keep(rows[i], _key_values(row_state.cache), scopes[i])
                 per_row[i] = (row_state, logits[j : j + 1])
         return True
 

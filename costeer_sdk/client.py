@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
 from costeer_sdk.builtins import DEFAULT_CLOUD, DEFAULT_LOCAL
-from costeer_sdk.context import ContextTemplate, Prompt, PromptBuilder, query_text
+from costeer_sdk.context import ContextTemplate, Prompt, PromptBuilder, Prompts, query_text
 from costeer_sdk.decoding import SamplingParams, TextAssembler, TokenChooser
 from costeer_sdk.errors import (
+    ClientClosedError,
     ConfigurationError,
     GenerationInterrupted,
+    RemoteError,
     TokenizerMismatchError,
 )
 from costeer_sdk.fusion import SteeringConfig, steering_weight
@@ -30,7 +34,9 @@ from costeer_sdk.scheduler import StepClock, steer
 
 log = get_logger(__name__)
 
-FinishReason = Literal["eos", "stop", "length"]
+FinishReason = Literal["stop", "length", "interrupted"]
+
+PrefixScope = Literal["user", "shared"]
 
 
 @dataclass(frozen=True)
@@ -65,8 +71,9 @@ class Generation:
         text: the generated text, cut before any stop string, without special tokens.
         token_ids: every chosen token (the one that completed a stop string included,
             EOS excluded).
-        finish_reason: "eos" (the model ended its turn), "stop" (a stop string) or
-            "length" (max_new_tokens).
+        finish_reason: as OpenAI's: "stop" (the model ended its turn, or a stop
+            string) or "length" (max_new_tokens); "interrupted" only on the partial
+            result a `GenerationStream` holds after an error or an early close.
         steered: whether a personal context steered it (False: cloud-only).
     """
 
@@ -79,10 +86,14 @@ class Generation:
 
 class GenerationStream:
     """The text pieces of one generation as they are decided (``async for``), and then
-    the finished `Generation` in ``generation``. Closing it early (``aclose``, or
-    breaking out of the loop) ends the generation and frees its remote session."""
+    the finished `Generation` in ``generation``.
 
-    def __init__(self, pieces: AsyncIterator[str], request: _Request) -> None:
+    Use it as ``async with llm.stream(...) as stream:``: leaving the block (a
+    ``break``, an exception) ends the generation and frees its remote session at once.
+    Without ``async with``, call ``aclose()`` when stopping early; a stream merely
+    abandoned is only closed when the garbage collector finds it."""
+
+    def __init__(self, pieces: AsyncGenerator[str, None], request: _Request) -> None:
         self._pieces = pieces
         self._request = request
 
@@ -93,11 +104,24 @@ class GenerationStream:
         return await anext(self._pieces)
 
     async def aclose(self) -> None:
-        await self._pieces.aclose()  # type: ignore[attr-defined]
+        await self._pieces.aclose()
+
+    async def __aenter__(self) -> GenerationStream:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
 
     @property
     def generation(self) -> Generation | None:
-        """The finished generation; None until the stream is exhausted."""
+        """The finished generation once the stream is exhausted; after an error or an
+        early close, what was decided until then (``finish_reason="interrupted"``);
+        None while it runs."""
         return self._request.result
 
 
@@ -109,7 +133,44 @@ class _Request:
     sampling: SamplingParams
     stop: Sequence[str]
     steering: SteeringConfig
+    scope: object = None  # whose kept local prefixes this generation may reuse
     result: Generation | None = field(default=None, init=False)
+
+
+@dataclass
+class _Run:
+    """One generation's progress: what `Generation` is built from, finished or not."""
+
+    prompts: Prompts
+    request: _Request
+    text: TextAssembler
+    clock: StepClock = field(default_factory=StepClock)
+    started: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    finish: FinishReason = "length"
+    at_eos: bool = False
+
+    @property
+    def steered(self) -> bool:
+        return self.prompts.private_ids is not None
+
+    def result(self, finish: FinishReason) -> Generation:
+        elapsed = time.perf_counter() - self.started
+        prompts, clock = self.prompts, self.clock
+        stats = GenerationStats(
+            steps=len(self.text.token_ids) + self.at_eos,
+            prompt_tokens=len(prompts.public_ids),
+            private_prompt_tokens=len(prompts.private_ids or ()),
+            context_records_used=prompts.records_used,
+            elapsed_s=elapsed,
+            time_to_first_token_s=(self.first_token_at or time.perf_counter()) - self.started,
+            remote_s=clock.remote_s,
+            local_s=clock.local_s,
+            fuse_s=clock.fuse_s,
+            steering_weight=steering_weight(self.request.steering) if self.steered else 0.0,
+        )
+        text = self.text
+        return Generation(text.text, list(text.token_ids), finish, self.steered, stats)
 
 
 class PersonalLLM:
@@ -130,6 +191,16 @@ class PersonalLLM:
         retriever: how records are chosen (`BM25Retriever` by default).
         pipelined: issue each step's remote request and local pass together (default);
             False runs them one after the other, as a baseline for comparison.
+        prefix_scope: whose kept local prefixes a generation may reuse (`prefixes`):
+            ``"user"`` (default) only those of generations with the same ``user_id``
+            (a generation without one reuses nothing kept by others), so that how fast
+            a prefill runs cannot tell one user what another's private prompt starts
+            with; ``"shared"`` lets every generation reuse every other's, for a device
+            that serves one person.
+        prefill_bucket_s: round the time from opening the cloud session to the first
+            step up to a whole multiple of this (0: off), so the cloud cannot time the
+            private prefill (its length, a prefix-cache hit) to finer than the bucket;
+            costs about half a bucket of latency per generation on average.
     """
 
     def __init__(
@@ -145,6 +216,8 @@ class PersonalLLM:
         memory_k: int = 5,
         retriever: Retriever | None = None,
         pipelined: bool = True,
+        prefix_scope: PrefixScope = "user",
+        prefill_bucket_s: float = 0.0,
     ) -> None:
         if isinstance(local, str):
             local = LocalModel.from_spec(local)
@@ -160,6 +233,18 @@ class PersonalLLM:
             raise ConfigurationError("max_context_tokens must be at least 2")
         if memory_k < 1:
             raise ConfigurationError(f"memory_k must be >= 1, got {memory_k}")
+        if prefix_scope not in ("user", "shared"):
+            raise ConfigurationError(
+                f"prefix_scope must be 'user' or 'shared', got {prefix_scope!r}"
+            )
+        if not prefill_bucket_s >= 0:
+            raise ConfigurationError(f"prefill_bucket_s must be >= 0, got {prefill_bucket_s}")
+        self.prefix_scope = prefix_scope
+        self.prefill_bucket_s = prefill_bucket_s
+        self._closed = False
+        self._closing: asyncio.Future[None] | None = None  # done once aclose() begins
+        self._running = 0
+        self._idle: asyncio.Event | None = None
         self.remote = remote
         self.local = local
         self.memory = memory
@@ -306,12 +391,30 @@ class PersonalLLM:
         request = self._request(
             prompt, context, max_new_tokens, temperature, top_p, seed, stop, steering
         )
+        if self.prefix_scope == "shared":
+            request.scope = None
+        elif user_id is not None:
+            request.scope = ("user", user_id)
+        else:
+            request.scope = object()  # reuses nothing another generation kept
         return GenerationStream(self._stream(request, user_id), request)
 
-    async def _stream(self, request: _Request, user_id: str | None) -> AsyncIterator[str]:
-        request.context = await self._context(request.prompt, request.context, user_id)
-        async for piece in self._run(request):
-            yield piece
+    async def _stream(self, request: _Request, user_id: str | None) -> AsyncGenerator[str, None]:
+        if self._closed:
+            raise ClientClosedError("the client was closed", partial_text="", token_ids=[])
+        self._running += 1
+        try:
+            request.context = await self._context(request.prompt, request.context, user_id)
+            run = self._run(request)
+            try:
+                async for piece in run:
+                    yield piece
+            finally:
+                await run.aclose()  # at once, not when the garbage collector finds it
+        finally:
+            self._running -= 1
+            if self._running == 0 and self._idle is not None:
+                self._idle.set()
 
     async def _context(
         self, prompt: Prompt, context: Sequence[str] | None, user_id: str | None
@@ -361,7 +464,7 @@ class PersonalLLM:
             steering=steering or self.steering,
         )
 
-    async def _run(self, request: _Request) -> AsyncIterator[str]:
+    async def _run(self, request: _Request) -> AsyncGenerator[str, None]:
         info = await self._info()
         local = self.local.model
         window = min(info.max_sequence_length, local.window, self.max_context_tokens or 1 << 62)
@@ -373,46 +476,61 @@ class PersonalLLM:
         prompts = self.prompts.build(
             request.prompt, request.context, window - request.max_new_tokens
         )
-        steered = prompts.private_ids is not None
-        text = TextAssembler(local.tokenizer, request.stop)
-        chooser = TokenChooser(request.sampling)
-        clock = StepClock()
-        started = time.perf_counter()
-        first_token_at: float | None = None
-        finish: FinishReason = "length"
+        run = _Run(prompts, request, TextAssembler(local.tokenizer, request.stop))
         log.info(
             "generate.start",
             prompt_tokens=len(prompts.public_ids),
             private_prompt_tokens=len(prompts.private_ids or ()),
             records=prompts.records_used,
-            steered=steered,
+            steered=run.steered,
             max_new_tokens=request.max_new_tokens,
         )
         tokens = steer(
             self.remote,
-            self.local if steered else None,
+            self.local if run.steered else None,
             prompts,
             request.steering,
-            chooser,
+            TokenChooser(request.sampling),
             request.max_new_tokens,
-            clock,
+            run.clock,
             pipelined=self.pipelined,
+            scope=request.scope,
+            prefill_bucket_s=self.prefill_bucket_s,
         )
+        text = run.text
         try:
-            async for token in tokens:
-                if first_token_at is None:
-                    first_token_at = time.perf_counter()
+            while True:
+                try:
+                    token = await self._next_token(tokens)
+                except StopAsyncIteration:
+                    break
+                if run.first_token_at is None:
+                    run.first_token_at = time.perf_counter()
                 if token in local.eos_token_ids:
-                    finish = "eos"
+                    run.finish, run.at_eos = "stop", True
                     break
                 piece = text.push(token)
                 if piece:
                     yield piece
                 if text.stopped:
-                    finish = "stop"
+                    run.finish = "stop"
                     break
+        except GeneratorExit:  # the caller closed the stream early
+            request.result = run.result("interrupted")
+            raise
+        except ClientClosedError:
+            request.result = run.result("interrupted")
+            log.info("generate.closed", tokens=len(text.token_ids))
+            raise ClientClosedError(
+                f"the client was closed after {len(text.token_ids)} tokens",
+                partial_text=text.text,
+                token_ids=text.token_ids,
+            ) from None
         except Exception as exc:
+            request.result = run.result("interrupted")
             log.warning("generate.interrupted", tokens=len(text.token_ids), error=repr(exc))
+            if not text.token_ids and isinstance(exc, RemoteError):
+                raise  # opening failed: nothing to keep, the remote's own typed error
             raise GenerationInterrupted(
                 f"generation interrupted after {len(text.token_ids)} tokens: {exc}",
                 partial_text=text.text,
@@ -423,32 +541,56 @@ class PersonalLLM:
         rest = text.flush()
         if rest:
             yield rest
-        elapsed = time.perf_counter() - started
-        steps = len(text.token_ids) + (finish == "eos")
-        stats = GenerationStats(
-            steps=steps,
-            prompt_tokens=len(prompts.public_ids),
-            private_prompt_tokens=len(prompts.private_ids or ()),
-            context_records_used=prompts.records_used,
-            elapsed_s=elapsed,
-            time_to_first_token_s=(first_token_at or time.perf_counter()) - started,
-            remote_s=clock.remote_s,
-            local_s=clock.local_s,
-            fuse_s=clock.fuse_s,
-            steering_weight=steering_weight(request.steering) if steered else 0.0,
-        )
-        request.result = Generation(text.text, list(text.token_ids), finish, steered, stats)
+        request.result = run.result(run.finish)
+        stats = request.result.stats
         log.info(
             "generate.done",
-            steps=steps,
-            finish_reason=finish,
-            elapsed_s=round(elapsed, 3),
+            steps=stats.steps,
+            finish_reason=run.finish,
+            elapsed_s=round(stats.elapsed_s, 3),
             tokens_per_s=round(stats.tokens_per_s, 2),
         )
         log.debug("generate.text", text=text.text)
 
-    async def aclose(self) -> None:
-        """Close the remote and release the models this object loaded."""
+    async def _next_token(self, tokens: AsyncGenerator[int, None]) -> int:
+        """The next token, unless `aclose` begins first: then the step is cancelled
+        (its passes and requests with it) and ClientClosedError raised."""
+        closing = self._closing_future()
+        if closing.done():
+            raise ClientClosedError("the client was closed", partial_text="", token_ids=[])
+        step = asyncio.ensure_future(anext(tokens))
+        either: list[asyncio.Future[Any]] = [step, closing]
+        try:
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not step.done():
+                step.cancel()
+                with contextlib.suppress(BaseException):
+                    await step
+        if step.cancelled():
+            raise ClientClosedError("the client was closed", partial_text="", token_ids=[])
+        return step.result()
+
+    def _closing_future(self) -> asyncio.Future[None]:
+        if self._closing is None:
+            self._closing = asyncio.get_running_loop().create_future()
+            if self._closed:
+                self._closing.set_result(None)
+        return self._closing
+
+    async def aclose(self, *, timeout_s: float = 10.0) -> None:
+        """End the generations still running (each raises `ClientClosedError`, keeping
+        its partial text, once its remote session is closed), refuse new ones, then close
+        the remote and release the models this object loaded.
+
+        ``timeout_s`` bounds the wait for the running generations to wind down."""
+        self._closed = True
+        if self._closing is not None and not self._closing.done():
+            self._closing.set_result(None)
+        if self._running:
+            self._idle = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), timeout_s)
         await self.remote.aclose()
         for model in self._owned:
             model.close()

@@ -46,6 +46,52 @@ class RemoteProtocolError(RemoteError):
     """The cloud side answered something this client cannot use."""
 
 
+class RemoteStatusError(RemoteProtocolError):
+    """The cloud answered with an HTTP error status; a subclass per status a caller
+    handles differently, as openai-python has.
+
+    Attributes:
+        status_code: the HTTP status.
+    """
+
+    def __init__(self, message: str, *, status_code: int) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+
+
+class BadRequestError(RemoteStatusError):
+    """400, 413 or 422: the server refused the request as malformed or too large."""
+
+
+class AuthenticationError(RemoteStatusError):
+    """401: the API key is missing or wrong."""
+
+
+class PermissionDeniedError(RemoteStatusError):
+    """403: the API key may not do this."""
+
+
+class NotFoundError(RemoteStatusError):
+    """404: no such route, model or session (sessions expire when left idle)."""
+
+
+class ConflictError(RemoteStatusError):
+    """409: the request does not fit the session's state (a step at a wrong position)."""
+
+
+class RateLimitError(RemoteStatusError):
+    """429: the server is at a limit (sessions, requests); retried after ``retry_after``
+    seconds before this is raised.
+
+    Attributes:
+        retry_after: the server's ``Retry-After``, in seconds, if it sent one.
+    """
+
+    def __init__(self, message: str, *, status_code: int, retry_after: float | None) -> None:
+        super().__init__(message, status_code=status_code)
+        self.retry_after = retry_after
+
+
 class GenerationInterrupted(CoSteerError):
     """A generation stopped part-way; the text decided so far is kept here.
 
@@ -58,6 +104,12 @@ class GenerationInterrupted(CoSteerError):
         super().__init__(message)
         self.partial_text = partial_text
         self.token_ids = list(token_ids)
+
+
+class ClientClosedError(GenerationInterrupted):
+    """The `PersonalLLM` was closed (``aclose``, or leaving ``async with``): the
+    generations still running end with this, keeping their partial text, and new ones
+    are refused with it (their partial text empty)."""
 
 
 class ContextTruncatedWarning(UserWarning):

@@ -3,12 +3,15 @@
 One pooled `httpx.AsyncClient` per remote. Every call has a timeout; calls that are
 safe to repeat (all of them: a step names its position, so a repeated step is not
 applied twice) are retried with exponential backoff on connection errors, timeouts and
-5xx answers. Failures surface as `RemoteUnavailable` (could not get an answer) or
-`RemoteProtocolError` (got an answer this client cannot use).
+5xx answers, and after the server's ``Retry-After`` on 429. Failures surface as
+`RemoteUnavailable` (could not get an answer) or `RemoteProtocolError` (got an answer
+this client cannot use); an error status as the `RemoteStatusError` subclass for it
+(`AuthenticationError` for 401, `RateLimitError` for 429, ...), carrying ``status_code``.
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
@@ -16,12 +19,24 @@ import httpx
 from pydantic import BaseModel, ValidationError
 from tenacity import (
     AsyncRetrying,
+    RetryCallState,
     retry_if_exception_type,
     stop_after_attempt,
     wait_exponential,
 )
 
-from costeer_sdk.errors import ConfigurationError, RemoteProtocolError, RemoteUnavailable
+from costeer_sdk.errors import (
+    AuthenticationError,
+    BadRequestError,
+    ConfigurationError,
+    ConflictError,
+    NotFoundError,
+    PermissionDeniedError,
+    RateLimitError,
+    RemoteProtocolError,
+    RemoteStatusError,
+    RemoteUnavailable,
+)
 from costeer_sdk.gathering import Gatherer
 from costeer_sdk.logs import get_logger
 from costeer_sdk.remote import NextTokenLogprobs, RemoteInfo
@@ -40,7 +55,40 @@ log = get_logger(__name__)
 
 
 class _Retryable(Exception):
-    """A failure worth another attempt (connection, timeout, 5xx)."""
+    """A failure worth another attempt (connection, timeout, 5xx, 429).
+
+    ``retry_after``: seconds the server asked to wait (429's ``Retry-After``);
+    ``final``: what to raise if no attempt is left (None: `RemoteUnavailable`)."""
+
+    def __init__(
+        self, message: str, *, retry_after: float | None = None, final: Exception | None = None
+    ) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.final = final
+
+
+_STATUS_ERRORS: dict[int, type[RemoteStatusError]] = {
+    400: BadRequestError,
+    401: AuthenticationError,
+    403: PermissionDeniedError,
+    404: NotFoundError,
+    409: ConflictError,
+    413: BadRequestError,
+    422: BadRequestError,
+}
+
+MAX_RETRY_AFTER_S = 30.0
+"""A server's ``Retry-After`` is honoured up to this; a longer wait fails at once."""
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """``Retry-After`` in seconds (its delta-seconds form; an HTTP date counts as none)."""
+    value = response.headers.get("retry-after", "")
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None
 
 
 class HTTPRemote:
@@ -51,7 +99,8 @@ class HTTPRemote:
         base_url: e.g. ``http://127.0.0.1:8000``.
         api_key: sent as a bearer token.
         timeout_s: per-request timeout.
-        retries: attempts after the first, for connection errors, timeouts and 5xx.
+        retries: attempts after the first, for connection errors, timeouts, 5xx and
+            429 (after the server's ``Retry-After``, when it sends one).
         transport: an httpx transport (tests, proxies, Unix sockets).
     """
 
@@ -75,44 +124,72 @@ class HTTPRemote:
             base_url=self.base_url, headers=headers, timeout=timeout_s, transport=transport
         )
 
-    async def _call(self, method: str, path: str, json: Any = None) -> Any:
+    def _wait(self, state: RetryCallState) -> float:
+        """The server's ``Retry-After`` if it gave one, else exponential backoff."""
+        failure = state.outcome.exception() if state.outcome else None
+        if isinstance(failure, _Retryable) and failure.retry_after is not None:
+            return failure.retry_after
+        return float(wait_exponential(multiplier=self.backoff_s, max=2.0)(state))
+
+    async def _call(
+        self, method: str, path: str, json: Any = None, headers: dict[str, str] | None = None
+    ) -> Any:
         response: httpx.Response | None = None
         async for attempt in AsyncRetrying(
             stop=stop_after_attempt(self.retries + 1),
-            wait=wait_exponential(multiplier=self.backoff_s, max=2.0),
+            wait=self._wait,
             retry=retry_if_exception_type(_Retryable),
             reraise=True,
         ):
             with attempt:
                 try:
-                    response = await self._client.request(method, path, json=json)
+                    response = await self._client.request(method, path, json=json, headers=headers)
                 except (httpx.TimeoutException, httpx.TransportError) as exc:
                     log.info("remote.retry", path=path, error=type(exc).__name__)
                     raise _Retryable(f"{type(exc).__name__}: {exc}") from exc
                 if response.status_code >= 500:
                     log.info("remote.retry", path=path, status=response.status_code)
                     raise _Retryable(f"server error {response.status_code}")
+                if response.status_code == 429:
+                    wait = _retry_after(response)
+                    error = self._error(response)
+                    if wait is not None and wait > MAX_RETRY_AFTER_S:
+                        raise error
+                    log.info("remote.retry", path=path, status=429, retry_after=wait)
+                    raise _Retryable(str(error), retry_after=wait, final=error)
         assert response is not None  # AsyncRetrying runs at least once or raises
         return self._answer(response)
+
+    def _error(self, response: httpx.Response) -> RemoteStatusError:
+        """The typed error for an error status, with the server's explanation."""
+        try:
+            detail = response.json().get("detail", response.text)
+        except (ValueError, AttributeError):
+            detail = response.text
+        status = response.status_code
+        message = f"{status} from {self.base_url}: {detail}"
+        if status == 429:
+            return RateLimitError(message, status_code=status, retry_after=_retry_after(response))
+        return _STATUS_ERRORS.get(status, RemoteStatusError)(message, status_code=status)
 
     def _answer(self, response: httpx.Response) -> Any:
         if response.status_code == 204:
             return None
         if response.status_code >= 400:
-            try:
-                detail = response.json().get("detail", response.text)
-            except ValueError:
-                detail = response.text
-            raise RemoteProtocolError(f"{response.status_code} from {self.base_url}: {detail}")
+            raise self._error(response)
         try:
             return response.json()
         except ValueError as exc:
             raise RemoteProtocolError(f"{self.base_url} answered with invalid JSON") from exc
 
-    async def _request(self, method: str, path: str, json: Any = None) -> Any:
+    async def _request(
+        self, method: str, path: str, json: Any = None, headers: dict[str, str] | None = None
+    ) -> Any:
         try:
-            return await self._call(method, path, json)
+            return await self._call(method, path, json, headers)
         except _Retryable as exc:
+            if exc.final is not None:
+                raise exc.final from exc
             raise RemoteUnavailable(
                 f"{self.base_url} did not answer after {self.retries + 1} attempts: {exc}"
             ) from exc
@@ -166,7 +243,10 @@ class SessionRemote(HTTPRemote):
         self, prompt_ids: Sequence[int]
     ) -> tuple[HTTPSession, NextTokenLogprobs]:
         body = {"prompt_ids": list(prompt_ids), "top_k": self.top_k, "encoding": self.encoding}
-        answer = await self._request("POST", "/v1/sessions", body)
+        # One key for every attempt: a retry after a lost answer gets the session the
+        # first attempt created, not a second one that would linger until it expires.
+        key = {"Idempotency-Key": uuid.uuid4().hex}
+        answer = await self._request("POST", "/v1/sessions", body, headers=key)
         state = _parse(SessionState, answer, "/v1/sessions")
         return HTTPSession(self, state.session_id), decode(state.next)
 
@@ -194,8 +274,10 @@ class SessionRemote(HTTPRemote):
         for (_, step), result in zip(items, answer.results, strict=True):
             try:
                 if result.error is not None:
-                    raise RemoteProtocolError(
-                        f"{result.error.status} from {self.base_url}: {result.error.detail}"
+                    status = result.error.status
+                    raise _STATUS_ERRORS.get(status, RemoteStatusError)(
+                        f"{status} from {self.base_url}: {result.error.detail}",
+                        status_code=status,
                     )
                 if result.state is None:
                     raise RemoteProtocolError("a step result with neither state nor error")

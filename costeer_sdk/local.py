@@ -13,7 +13,7 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from costeer_sdk.batching import KVState, StepBatcher
-from costeer_sdk.prefixes import DEFAULT_PREFIX_CACHE_BYTES, PrefixCache
+from costeer_sdk.prefixes import DEFAULT_PREFIX_CACHE_BYTES, PrefixCache, Scope
 from costeer_sdk.readout import NextTokenScores
 from costeer_sdk.runtime import LoadedModel
 
@@ -59,12 +59,13 @@ class LocalModel:
         return self.model.tokenizer
 
     async def open(
-        self, with_context: Sequence[int], without_context: Sequence[int]
+        self, with_context: Sequence[int], without_context: Sequence[int], scope: Scope = None
     ) -> tuple[BranchPair, NextTokenScores]:
         """Prefill both branches; return their state and next-token scores (2 rows).
+        Kept prefixes are reused only by opens of the same ``scope`` (one user's).
 
         Call `release` when the generation ends, so batching stops waiting for it."""
-        state, logits = await self.batcher.open([with_context, without_context])
+        state, logits = await self.batcher.open([with_context, without_context], scope)
         return state, NextTokenScores(logits=logits)
 
     async def advance(

@@ -25,7 +25,7 @@ import torch
 
 from costeer_sdk.errors import ConfigurationError
 
-__all__ = ["DEFAULT_PREFIX_CACHE_BYTES", "CachedPrefix", "PrefixCache"]
+__all__ = ["DEFAULT_PREFIX_CACHE_BYTES", "CachedPrefix", "PrefixCache", "Scope"]
 
 DEFAULT_PREFIX_CACHE_BYTES = 256 << 20
 """About 20,000 tokens of the default 0.5B local model's cache in bfloat16 (12 KiB per
@@ -49,11 +49,18 @@ class CachedPrefix:
         return CachedPrefix(length, layers, self.source)
 
 
+Scope = object
+"""Who may reuse a kept row: rows are found only by rows of an equal scope. A device
+keeps one user's rows apart from another's (`PersonalLLM`'s ``prefix_scope``), since
+a quicker prefill would tell one user that another's private prompt starts alike."""
+
+
 @dataclass(eq=False)
 class _Entry:
     ids: torch.Tensor  # [positions], int64 on the CPU
     layers: list[LayerKV]
     nbytes: int
+    scope: Scope = None
 
 
 class PrefixCache:
@@ -97,15 +104,18 @@ class PrefixCache:
         with self._lock:
             self._entries.clear()
 
-    def find(self, ids: Sequence[int]) -> CachedPrefix | None:
-        """The longest kept prefix of ``ids`` that leaves at least its last token to
-        compute (the next-token logits come from it), if ``min_tokens`` or longer."""
+    def find(self, ids: Sequence[int], scope: Scope = None) -> CachedPrefix | None:
+        """The longest prefix of ``ids`` kept in ``scope`` that leaves at least its last
+        token to compute (the next-token logits come from it), if ``min_tokens`` or
+        longer."""
         if len(ids) <= self.min_tokens or self.max_bytes == 0:
             return None
         row = torch.tensor(ids, dtype=torch.long)
         best: tuple[int, int] | None = None  # (length, key)
         with self._lock:
             for key, entry in self._entries.items():
+                if entry.scope != scope:
+                    continue
                 length = _common_prefix(entry.ids, row[:-1])
                 if length >= self.min_tokens and (best is None or length > best[0]):
                     best = (length, key)
@@ -118,12 +128,15 @@ class PrefixCache:
             self.reused_tokens += length
         return CachedPrefix(len(entry.ids), entry.layers, key).cut(length)
 
-    def leaders(self, rows: Sequence[Sequence[int] | None]) -> list[int]:
+    def leaders(
+        self, rows: Sequence[Sequence[int] | None], scopes: Sequence[Scope] | None = None
+    ) -> list[int]:
         """Of rows about to be prefilled together (None: not to consider), those to
-        prefill first: one of every set of rows that share a prefix worth reusing, so
-        the others find it kept."""
+        prefill first: one of every set of rows of one scope that share a prefix worth
+        reusing, so the others find it kept."""
         if self.max_bytes == 0:
             return []
+        scopes = scopes if scopes is not None else [None] * len(rows)
         ids = [None if r is None else torch.tensor(r, dtype=torch.long) for r in rows]
         claimed: set[int] = set()
         first = []
@@ -134,6 +147,7 @@ class PrefixCache:
                 j
                 for j in range(i + 1, len(ids))
                 if j not in claimed
+                and scopes[j] == scopes[i]
                 and (other := ids[j]) is not None
                 and _common_prefix(row, other[:-1]) >= self.min_tokens
             }
@@ -142,9 +156,10 @@ class PrefixCache:
                 claimed |= followers
         return first
 
-    def keep(self, ids: Sequence[int], layers: Sequence[LayerKV]) -> None:
-        """Keep a prefilled row: its token ids and, per layer, keys and values
-        ``[1, heads, len(ids), head_dim]`` (copied: the caller's cache goes on growing)."""
+    def keep(self, ids: Sequence[int], layers: Sequence[LayerKV], scope: Scope = None) -> None:
+        """Keep a prefilled row, for rows of ``scope``: its token ids and, per layer,
+        keys and values ``[1, heads, len(ids), head_dim]`` (copied: the caller's cache
+        goes on growing)."""
         if len(ids) < self.min_tokens or self.max_bytes == 0:
             return
         nbytes = sum(k.nbytes + v.nbytes for k, v in layers)
@@ -153,13 +168,15 @@ class PrefixCache:
         row = torch.tensor(ids, dtype=torch.long)
         with self._lock:
             for key, entry in list(self._entries.items()):
+                if entry.scope != scope:
+                    continue
                 shared = _common_prefix(entry.ids, row)
                 if shared == len(row):  # already kept, as this row or a longer one
                     self._entries.move_to_end(key)
                     return
                 if shared == len(entry.ids):  # this row extends it: keep the longer only
                     del self._entries[key]
-        entry = _Entry(row, [(k.clone(), v.clone()) for k, v in layers], nbytes)
+        entry = _Entry(row, [(k.clone(), v.clone()) for k, v in layers], nbytes, scope)
         with self._lock:
             self._entries[self._next_key] = entry
             self._next_key += 1

@@ -9,6 +9,7 @@ local logits.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -155,6 +156,7 @@ class InProcessSession:
         self._tokens = prompt_ids
         self._state: KVState | None = None
         self._last: NextTokenLogprobs | None = None
+        self._pending: tuple[int, int, asyncio.Future[NextTokenLogprobs]] | None = None
 
     @property
     def length(self) -> int:
@@ -170,6 +172,19 @@ class InProcessSession:
         return self._last
 
     async def advance(self, token_id: int, position: int) -> NextTokenLogprobs:
+        """Append ``token_id`` at ``position``; repeating the last call (a retry) returns
+        the same answer without appending again.
+
+        The step is atomic under cancellation: it runs in a task of its own that
+        extends the KV cache *and* records the token, and a caller that is cancelled
+        (a server handler whose client hung up) leaves that task to finish. A retry of
+        the same step then joins the task still running, or finds the step applied,
+        instead of appending the token a second time."""
+        pending = self._pending
+        if pending is not None and not pending[2].done():
+            if pending[:2] == (token_id, position):
+                return await asyncio.shield(pending[2])  # a retry of the step in flight
+            await asyncio.wait([pending[2]])  # steps of one session apply in order
         if position == len(self._tokens) - 1 and self._tokens[-1] == token_id and self._last:
             return self._last  # a retry of the step that was already applied
         if position != len(self._tokens):
@@ -180,7 +195,12 @@ class InProcessSession:
             raise RemoteProtocolError(f"token id {token_id} is outside the vocabulary")
         if self._state is None:
             raise RemoteProtocolError("the session is closed")
-        scores = await self._batcher.step(self._state, token_id)
+        task = asyncio.ensure_future(self._apply(self._state, token_id))
+        self._pending = (token_id, position, task)
+        return await asyncio.shield(task)
+
+    async def _apply(self, state: KVState, token_id: int) -> NextTokenLogprobs:
+        scores = await self._batcher.step(state, token_id)
         self._last = self._distribution(scores.full()[0])
         self._tokens.append(token_id)
         return self._last
@@ -193,6 +213,10 @@ class InProcessSession:
         return NextTokenLogprobs(values, ids)
 
     async def close(self) -> None:
+        self.release()
+
+    def release(self) -> None:
+        """`close`, callable where awaiting is not wanted (it never waits)."""
         if self._state is not None:
             self._batcher.release(self._state)
             self._state = None

@@ -8,6 +8,7 @@ the step costs about max(remote, local) rather than their sum.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import AsyncGenerator, Awaitable
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from costeer_sdk.context import Prompts
 from costeer_sdk.decoding import TokenChooser
 from costeer_sdk.fusion import SteeringConfig, fuse
 from costeer_sdk.local import BranchPair, LocalModel
+from costeer_sdk.prefixes import Scope
 from costeer_sdk.readout import NextTokenScores
 from costeer_sdk.remote import NextTokenLogprobs, Remote, RemoteSession
 
@@ -78,18 +80,25 @@ async def steer(
     clock: StepClock,
     *,
     pipelined: bool = True,
+    scope: Scope = None,
+    prefill_bucket_s: float = 0.0,
 ) -> AsyncGenerator[int, None]:
     """Yield chosen token ids, one per step, up to ``max_new_tokens``.
 
     The caller stops early (EOS, stop string) by not asking for the next token; the
     remote session is closed however the loop ends. ``pipelined=False`` awaits the
     remote before starting the local pass (the baseline `bench/pipeline.py` compares).
+    ``scope``: whose kept prefixes the local prefill may reuse (`prefixes.Scope`).
+    ``prefill_bucket_s``: the first step goes to the cloud only at a whole multiple of
+    this many seconds after the session was opened, so the cloud cannot time the
+    private prefill (its length, a prefix-cache hit) to finer than the bucket.
     """
+    opened_at = time.monotonic()
     remote_open = asyncio.ensure_future(clock.remote(remote.open_session(prompts.public_ids)))
     local_open: asyncio.Future[tuple[BranchPair, NextTokenScores]] | None = None
     if local is not None and prompts.private_ids is not None:
         local_open = asyncio.ensure_future(
-            clock.local(local.open(prompts.private_ids, prompts.public_ids))
+            clock.local(local.open(prompts.private_ids, prompts.public_ids, scope))
         )
     session: RemoteSession | None = None
     try:
@@ -106,6 +115,8 @@ async def steer(
             yield token
             if step == max_new_tokens - 1:
                 return
+            if step == 0 and prefill_bucket_s > 0:
+                await _wait_for_bucket(opened_at, prefill_bucket_s)
             remote_step = clock.remote(session.advance(token, position))
             if branches is None or local is None:
                 cloud = await remote_step
@@ -153,6 +164,12 @@ async def _give_turns(task: asyncio.Future[Any]) -> None:
         if task.done():
             return
         await asyncio.sleep(0)
+
+
+async def _wait_for_bucket(since: float, bucket_s: float) -> None:
+    """Sleep until a whole number (at least one) of ``bucket_s`` has passed ``since``."""
+    elapsed = time.monotonic() - since
+    await asyncio.sleep(max(1, math.ceil(elapsed / bucket_s)) * bucket_s - elapsed)
 
 
 def _succeeded(future: asyncio.Future[Any]) -> bool:

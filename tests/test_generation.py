@@ -219,7 +219,7 @@ async def test_eos_of_the_chat_format_ends_generation(
         out = await llm.generate(PROMPT, context=HISTORY, max_new_tokens=12)
     finally:
         local_model.model.generation_config.eos_token_id = local_model.tokenizer.eos_token_id
-    assert out.finish_reason == "eos"
+    assert out.finish_reason == "stop"
     assert out.token_ids == free.token_ids[: free.token_ids.index(eos)]
 
 

@@ -162,7 +162,7 @@ async def test_one_users_concurrent_generations_prefill_the_context_once(
     llm = PersonalLLM(InProcessRemote(cloud_model), local_model)
     with positions_computed(local_model) as seen:
         outs = await asyncio.gather(
-            *(llm.generate(p, context=history, max_new_tokens=8) for p in prompts)
+            *(llm.generate(p, context=history, user_id="al", max_new_tokens=8) for p in prompts)
         )
     assert [o.token_ids for o in outs] == [o.token_ids for o in solo]
     prefixes = llm.local.prefixes
@@ -171,6 +171,30 @@ async def test_one_users_concurrent_generations_prefill_the_context_once(
     assert private is not None
     prefills = sorted(seen, reverse=True)[: len(prompts)]
     assert prefills[0] == len(private) and max(prefills[1:]) < len(private) / 2
+
+
+async def test_kept_prefixes_serve_only_their_own_user_unless_shared(
+    cloud_model: LoadedModel, local_model: LoadedModel
+) -> None:
+    """A prefill that reuses another user's kept prefix runs faster, which would tell
+    that user's private prompt starts like one's guess: reuse stays within a user."""
+    history = [f"Record about my running, number {i}, on wet and dry trails." for i in range(6)]
+
+    async def hits_of(llm: PersonalLLM, prompt: str, user: str | None) -> int:
+        prefixes = llm.local.prefixes
+        assert prefixes is not None
+        before = prefixes.hits
+        await llm.generate(prompt, context=history, user_id=user, max_new_tokens=2)
+        return prefixes.hits - before
+
+    llm = PersonalLLM(InProcessRemote(cloud_model), local_model)
+    cold = await hits_of(llm, "Review my shoes.", "alice")
+    assert await hits_of(llm, "Plan my week.", "bob") == cold  # nothing of alice's
+    assert await hits_of(llm, "Plan my week.", None) == cold  # nor for the anonymous
+    assert await hits_of(llm, "A haiku.", "alice") > cold  # alice reuses her own
+    shared = PersonalLLM(InProcessRemote(cloud_model), local_model, prefix_scope="shared")
+    assert await hits_of(shared, "Review my shoes.", None) == cold
+    assert await hits_of(shared, "Plan my week.", "bob") > cold
 
 
 async def test_costeer_serve_reuses_prompt_prefixes_only_when_asked(

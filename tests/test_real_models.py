@@ -70,4 +70,4 @@ async def test_personal_context_moves_the_answer_toward_the_user(real_llm: Perso
 async def test_cloud_only_answer_is_the_cloud_models_own(real_llm: PersonalLLM) -> None:
     out = await real_llm.generate("What is 2 + 2? Answer with one number.", max_new_tokens=8)
     assert "4" in out.text
-    assert out.finish_reason == "eos"
+    assert out.finish_reason == "stop"
