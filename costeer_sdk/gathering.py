@@ -93,6 +93,15 @@ class Gatherer(Generic[K, A, R]):
                     raise RuntimeError(f"{len(results)} results for {len(batch)} calls")
             except Exception as exc:
                 results = [exc] * len(batch)
+            except asyncio.CancelledError:
+                # The run was cancelled under us (a model closed with passes queued) or
+                # this flusher was: either way no caller may wait forever.
+                gone = RuntimeError("the pass was cancelled: the model was closed")
+                for _, _, future in [*batch, *self._pending]:
+                    if not future.done():
+                        future.set_exception(gone)
+                self._pending = []
+                raise
             for (_, _, future), result in zip(batch, results, strict=True):
                 if future.done():  # its caller was cancelled
                     continue

@@ -1,6 +1,7 @@
 """A cloud server and an edge client on loopback: `costeer serve` hosts the cloud model,
 the client steers it with a local model and private notes, and every byte sent to the
-server is shown afterwards: token ids and positions, never the notes.
+server is audited afterwards: token ids and positions only, each id the public prompt's
+or the answer's, none that only the private notes hold.
 
     python examples/edge_client.py [--max-new-tokens 48]
 """
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import socket
 import subprocess
 import sys
@@ -20,6 +20,7 @@ import httpx
 from costeer_sdk import PersonalLLM
 from costeer_sdk.builtins import DEFAULT_CLOUD, DEFAULT_LOCAL
 from costeer_sdk.http_remote import SessionRemote
+from costeer_sdk.privacy import check_sent_ids, sent_token_ids
 
 NOTES = [
     "I am training for my first marathon in April; my long run is 18 miles on Sundays.",
@@ -75,21 +76,31 @@ async def main() -> None:
                 time.sleep(0.5)
         recorder = Recorder()
         async with PersonalLLM(SessionRemote(url, transport=recorder), args.local) as llm:
-            out = await llm.generate(
-                "Which running shoes should I buy next?",
-                context=NOTES,
-                max_new_tokens=args.max_new_tokens,
-            )
+            prompt = "Which running shoes should I buy next?"
+            out = await llm.generate(prompt, context=NOTES, max_new_tokens=args.max_new_tokens)
+            prompts = llm.prompts.build(prompt, NOTES, 1 << 30)
         print(f"CoSteer answer:\n{out.text}\n")
         total = sum(len(body) for _, _, body in recorder.sent)
         print(f"{len(recorder.sent)} requests, {total} bytes of bodies sent to the cloud:")
         for method, path, body in recorder.sent[:4]:
             print(f"  {method} {path} {body[:120].decode() or '-'}")
         print("  ...")
-        leaked = [n for n in NOTES if any(n.encode() in body for _, _, body in recorder.sent)]
-        print("private notes sent to the cloud:", json.dumps(leaked))
-        if leaked:
-            raise SystemExit("privacy violated")
+        # The bodies hold token ids, never text: audit the ids. Every id sent must be
+        # the public prompt's or the output's; none only the private prompt holds.
+        sent = sent_token_ids(recorder.sent)
+        assert prompts.private_ids is not None
+        private_only = set(prompts.private_ids) - set(prompts.public_ids) - set(out.token_ids)
+        print(
+            f"{len(sent)} token ids sent; {len(private_only)} ids only the private prompt "
+            "holds, none of which may appear"
+        )
+        check_sent_ids(
+            sent,
+            public_ids=prompts.public_ids,
+            output_ids=out.token_ids,
+            private_ids=prompts.private_ids,
+        )  # raises PrivacyViolation otherwise
+        print("privacy audit: every id sent is public or output")
     finally:
         server.terminate()
         server.wait(10)

@@ -34,7 +34,7 @@ def test_edge_client(model_dirs: list[str]) -> None:
     cloud, local = model_dirs
     out = run("edge_client.py", "--cloud", cloud, "--local", local, "--max-new-tokens", "6")
     assert "POST /v1/sessions" in out
-    assert "private notes sent to the cloud: []" in out
+    assert "privacy audit: every id sent is public or output" in out
 
 
 def test_email_reply_chain(model_dirs: list[str]) -> None:
