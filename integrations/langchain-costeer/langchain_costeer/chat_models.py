@@ -4,6 +4,10 @@ token by token, by a local model that alone sees the user's private context."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
+import json
+import secrets
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any, Literal
 
@@ -32,6 +36,10 @@ from langchain_costeer import _loop
 
 RemoteAPI = Literal["costeer", "openai", "llama.cpp"]
 _CALL_OPTIONS = ("user_id", "context", "max_tokens", "temperature", "top_p", "seed")
+_PRIVATE = frozenset({"user_id", "context"})
+"""Per-call options that say who the user is or what they wrote: kept out of everything
+LangChain hands to callbacks and tracers (invocation params, options, cache keys)."""
+_CACHE_SALT = secrets.token_bytes(32)
 
 
 class ChatCoSteer(BaseChatModel):
@@ -102,10 +110,12 @@ class ChatCoSteer(BaseChatModel):
     """Retries of idempotent remote requests (remote servers only)."""
     streaming: bool = False
     """Stream by default in ``invoke`` (LangChain's convention)."""
-    user_id: str | None = None
-    """Default user whose memory-store history personalizes replies."""
-    context: list[str] | None = None
-    """Default explicit personal context (history records, oldest first)."""
+    user_id: str | None = Field(default=None, repr=False, exclude=True)
+    """Default user whose memory-store history personalizes replies (never in the
+    model's repr, serialization or callbacks)."""
+    context: list[str] | None = Field(default=None, repr=False, exclude=True)
+    """Default explicit personal context (history records, oldest first; never in the
+    model's repr, serialization or callbacks)."""
     memory_path: str | None = None
     """SQLite memory store that ``user_id`` is looked up in."""
     llm: PersonalLLM | None = Field(default=None, exclude=True)
@@ -134,6 +144,23 @@ class ChatCoSteer(BaseChatModel):
             "top_k": self.top_k,
             "steering": (self.steering or SteeringConfig()).__dict__,
         }
+
+    def _get_invocation_params(
+        self, stop: list[str] | None = None, **kwargs: Any
+    ) -> dict[str, Any]:
+        """What LangChain passes to every callback and tracer as the call's parameters
+        (and, from it, as ``options``): everything but the private per-call options."""
+        params = super()._get_invocation_params(stop=stop, **kwargs)
+        return {k: v for k, v in params.items() if k not in _PRIVATE}
+
+    def _get_llm_string(self, stop: list[str] | None = None, **kwargs: Any) -> str:
+        """The LLM cache's key: calls with different private options must not share a
+        cached answer, and the key (a cache may live on another host) must not hold
+        them: they enter as a keyed hash whose key never leaves this process."""
+        public = {k: v for k, v in kwargs.items() if k not in _PRIVATE}
+        private = json.dumps({k: kwargs.get(k) for k in sorted(_PRIVATE)}, default=str)
+        digest = hmac.new(_CACHE_SALT, private.encode(), hashlib.sha256).hexdigest()
+        return f"{super()._get_llm_string(stop, **public)}---private:{digest}"
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         params = LangSmithParams(

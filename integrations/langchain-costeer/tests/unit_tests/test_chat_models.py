@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 import threading
 from pathlib import Path
@@ -13,13 +14,15 @@ from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
+from langchain_core.tracers.base import BaseTracer
+from langchain_core.tracers.schemas import Run
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[4] / "tests"))  # the SDK's tiny models
 from tiny import make_model, make_tokenizer
 
 from costeer_sdk import InProcessRemote, PersonalLLM
 from costeer_sdk.memory import SQLiteMemoryStore
-from langchain_costeer import ChatCoSteer
+from langchain_costeer import ChatCoSteer, _loop
 
 HISTORY = ["I ran ten miles in my new shoes.", "The grip is good on wet trails."]
 PROMPT = "Write about my shoes."
@@ -165,3 +168,82 @@ def test_engines_are_shared_by_settings() -> None:
     assert ChatCoSteer(model="builtin:y")._engine_key() != a._engine_key()
     assert a._identifying_params["model"] == "builtin:x"
     assert a._get_ls_params(model="other")["ls_model_name"] == "other"
+
+
+CANARY = "CANARY-7f3a-private"
+
+
+class Everything(BaseCallbackHandler):
+    """Records the repr of every argument of every callback LangChain fires."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+
+def _recorder(name: str) -> Any:
+    def record(self: Everything, *args: Any, **kwargs: Any) -> None:
+        self.seen.append(f"{name} {args!r} {kwargs!r}")
+
+    return record
+
+
+for _name in dir(BaseCallbackHandler):
+    if _name.startswith("on_"):
+        setattr(Everything, _name, _recorder(_name))
+
+
+class Runs(BaseTracer):
+    """A tracer that keeps every finished run, as LangSmith's would upload them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.runs: list[str] = []
+
+    def _persist_run(self, run: Run) -> None:
+        self.runs.append(run.model_dump_json())
+
+
+def test_private_context_reaches_no_callback_tracer_repr_or_serialization(
+    chat: ChatCoSteer, llm: PersonalLLM
+) -> None:
+    from langchain_core.load import dumpd
+
+    private = [*HISTORY, f"My secret is {CANARY}."]
+    user = f"user-{CANARY}"
+    _loop.run(llm.memory.add(user, [{"text": f"I wrote {CANARY} once."}]))  # type: ignore[union-attr]
+    handler, tracer = Everything(), Runs()
+    config: Any = {"callbacks": [handler, tracer]}
+    steered = chat.invoke(PROMPT, config=config, context=private)
+    assert steered.response_metadata["steered"]
+    chat.invoke(PROMPT, config=config, user_id=user)
+    list(chat.stream(PROMPT, config=config, context=private))
+    chat.batch([PROMPT, PROMPT], config=config, context=private)
+    chat.invoke(PROMPT, config={**config, "configurable": {"context": private, "user_id": user}})
+    chain = ChatPromptTemplate.from_messages([("human", "{q}")]) | chat | StrOutputParser()
+    chain.invoke({"q": PROMPT}, config={**config, "configurable": {"user_id": user}})
+
+    async def from_async() -> list[Any]:
+        await chat.ainvoke(PROMPT, config=config, context=private)
+        [c async for c in chat.astream(PROMPT, config=config, user_id=user)]
+        return [e async for e in chat.astream_events(PROMPT, context=private, version="v2")]
+
+    events = asyncio.run(from_async())
+    with_field = ChatCoSteer.from_llm(llm, max_tokens=4, context=private, user_id=user)
+    with_field.invoke(PROMPT, config=config)
+
+    assert handler.seen and tracer.runs and events
+    assert any("on_chat_model_start" in s for s in handler.seen)
+    everything = [
+        *handler.seen,
+        *tracer.runs,
+        repr(events),
+        repr(with_field),
+        str(with_field),
+        with_field.model_dump_json(),
+        json.dumps(dumpd(with_field)),
+        with_field._get_llm_string(context=private, user_id=user),
+    ]
+    leaks = [text for text in everything if CANARY in text or HISTORY[0] in text]
+    assert not leaks, leaks[0][:500]
+    # and the LLM cache keys of two contexts differ, without holding either
+    assert with_field._get_llm_string(context=["a"]) != with_field._get_llm_string(context=["b"])
