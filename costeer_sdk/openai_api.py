@@ -1,10 +1,13 @@
 """The OpenAI-compatible subset `costeer serve` offers beside its session protocol.
 
 What vLLM serves for ``POST /v1/completions`` (string or token-id prompt, ``max_tokens``,
-``logprobs`` as top-k, ``echo``, ``temperature``, ``seed``, ``return_tokens_as_token_ids``)
-and ``GET /v1/models``. Log-probs are raw (before temperature), as vLLM's and
-llama.cpp's are by default. Each request recomputes its prefix: this path is for
-interoperability; the session protocol is the efficient one.
+``stop``, ``logprobs`` as top-k with ``text_offset``, ``echo``, ``temperature``,
+``top_p``, ``seed``, ``return_tokens_as_token_ids``) and ``GET /v1/models``. Log-probs
+are raw (before temperature), as vLLM's and llama.cpp's are by default. A completion
+decodes as a session the server drives itself (`completions`): KV-cached, its steps
+batched with the clients' sessions, so a long one does not stall them. Clients that
+steer over this route (`OpenAICompatibleRemote`) still resend their prefix at every
+token, as the API is stateless; the session protocol is the efficient way to steer.
 """
 
 from __future__ import annotations
@@ -13,11 +16,12 @@ import time
 import uuid
 from typing import Any
 
-import torch
 from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, ConfigDict, Field
 
-from costeer_sdk.decoding import GREEDY_BELOW
+from costeer_sdk.completions import Completion, Request, complete
+from costeer_sdk.errors import ConfigurationError
+from costeer_sdk.remote import InProcessRemote
 from costeer_sdk.runtime import LoadedModel
 
 
@@ -29,7 +33,9 @@ class CompletionRequest(BaseModel):
     logprobs: int | None = Field(default=None, ge=0, le=100)
     echo: bool = False
     temperature: float = Field(default=1.0, ge=0.0, le=10.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int | None = None
+    stop: str | list[str] | None = None
     return_tokens_as_token_ids: bool = False
 
 
@@ -48,7 +54,12 @@ def _prompt_ids(model: LoadedModel, prompt: Any) -> list[int]:
     raise HTTPException(400, "prompt must be a non-empty string or list of token ids (batch of 1)")
 
 
-def router(model: LoadedModel, model_name: str) -> APIRouter:
+def router(remote: InProcessRemote, model_name: str) -> APIRouter:
+    """The routes, decoding on ``remote`` (the server's own, whose sessions answer full
+    distributions) so that completions share its batched passes with the sessions."""
+    if remote.top_k is not None:
+        raise ConfigurationError("completions need a remote answering full distributions")
+    model = remote.model
     api = APIRouter()
 
     @api.get("/v1/models")
@@ -72,76 +83,57 @@ def router(model: LoadedModel, model_name: str) -> APIRouter:
         ids = _prompt_ids(model, body.prompt)
         if len(ids) + body.max_tokens > model.window:
             raise HTTPException(400, f"prompt plus max_tokens exceeds {model.window} tokens")
-        result = await model.run(_complete, model, ids, body)
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        if not all(stop):
+            raise HTTPException(400, "stop strings must not be empty")
+        request = Request(
+            max_tokens=body.max_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            seed=body.seed,
+            stop=tuple(stop),
+            logprobs=body.logprobs,
+            echo=body.echo,
+        )
+        done = await complete(remote, ids, request)
         return {
             "id": f"cmpl-{uuid.uuid4().hex}",
             "object": "text_completion",
             "created": int(time.time()),
             "model": model_name,
-            "choices": [result],
+            "choices": [_choice(model, body, done)],
             "usage": {
                 "prompt_tokens": len(ids),
-                "completion_tokens": body.max_tokens,
-                "total_tokens": len(ids) + body.max_tokens,
+                "completion_tokens": done.completion_tokens,
+                "total_tokens": len(ids) + done.completion_tokens,
             },
         }
 
     return api
 
 
-def _complete(model: LoadedModel, ids: list[int], body: CompletionRequest) -> dict[str, Any]:
-    """Greedy or sampled decoding of ``max_tokens`` tokens, with OpenAI-style logprobs."""
-    generator = torch.Generator()
-    if body.seed is not None:
-        generator.manual_seed(body.seed)
-    tok = model.tokenizer
+def _choice(model: LoadedModel, body: CompletionRequest, done: Completion) -> dict[str, Any]:
+    """The OpenAI (legacy completions) shape of one choice; log-probs keyed by decoded
+    text, or by ``token_id:<id>`` with ``return_tokens_as_token_ids`` (as vLLM does)."""
 
     def name(token: int) -> str:
         if body.return_tokens_as_token_ids:
             return f"token_id:{token}"
-        return str(tok.decode([token]))
+        return str(model.tokenizer.decode([token]))
 
-    logits = model.model(torch.tensor([ids])).logits[0].float()
-    logprobs = torch.log_softmax(logits, dim=-1)
-    entries: list[tuple[int, float | None, dict[str, float] | None]] = []
-    if body.echo:
-        entries.append((ids[0], None, None))
-        for pos in range(1, len(ids)):
-            entries.append((ids[pos], *_entry(logprobs[pos - 1], ids[pos], body.logprobs, name)))
-    generated: list[int] = []
-    current = logprobs[-1]
-    for _ in range(body.max_tokens):
-        if body.temperature < GREEDY_BELOW:
-            token = int(current.argmax())
-        else:
-            probs = torch.softmax(current / body.temperature, dim=-1)
-            token = int(torch.multinomial(probs, 1, generator=generator))
-        entries.append((token, *_entry(current, token, body.logprobs, name)))
-        generated.append(token)
-        out = model.model(torch.tensor([ids + generated])).logits[0, -1].float()
-        current = torch.log_softmax(out, dim=-1)
-    text_ids = (ids if body.echo else []) + generated
     choice: dict[str, Any] = {
         "index": 0,
-        "text": tok.decode(text_ids),
-        "finish_reason": "length",
+        "text": done.text,
+        "finish_reason": done.finish_reason,
         "logprobs": None,
     }
     if body.logprobs is not None:
         choice["logprobs"] = {
-            "tokens": [name(t) for t, _, _ in entries],
-            "token_logprobs": [lp for _, lp, _ in entries],
-            "top_logprobs": [top for _, _, top in entries],
-            "text_offset": [],
+            "tokens": [name(t) for t in done.tokens],
+            "token_logprobs": done.logprobs,
+            "top_logprobs": [
+                None if top is None else {name(t): lp for t, lp in top} for top in done.tops
+            ],
+            "text_offset": done.text_offset,
         }
     return choice
-
-
-def _entry(
-    logprobs: torch.Tensor, token: int, k: int | None, name: Any
-) -> tuple[float, dict[str, float] | None]:
-    chosen = float(logprobs[token])
-    if not k:
-        return chosen, None
-    values, ids = torch.topk(logprobs, k)
-    return chosen, {name(int(i)): float(v) for v, i in zip(values, ids, strict=True)}

@@ -18,10 +18,11 @@ import uuid
 from dataclasses import dataclass, field
 
 import torch
-from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi import Depends, FastAPI, HTTPException, Response
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from costeer_sdk.errors import ConfigurationError, RemoteProtocolError
 from costeer_sdk.logs import get_logger
@@ -53,16 +54,55 @@ class _Session:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
-class _BodyLimit(BaseHTTPMiddleware):
-    def __init__(self, app: object, limit: int) -> None:
-        super().__init__(app)  # type: ignore[arg-type]
+class _BodyLimit:
+    """Answers 413 to a request body over ``limit`` bytes, whether it declares its
+    length (refused before it is read) or comes chunked without one (counted as it
+    arrives: the 413 goes out once the count passes the limit, and the app is told the
+    client left, so it stops reading; whatever it answers then is dropped).
+
+    Plain ASGI rather than `BaseHTTPMiddleware`: its ``dispatch`` sees the headers, not
+    the body's chunks as they are read."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
         self.limit = limit
 
-    async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
-        declared = request.headers.get("content-length")
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
-            return JSONResponse({"detail": f"body over {self.limit} bytes"}, status_code=413)
-        return await call_next(request)
+            await self._refuse(scope, receive, send)
+            return
+        received, started, refused = 0, False, False
+
+        async def counted() -> Message:
+            nonlocal received, refused
+            if refused:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    if not started:  # else the app answers before reading: let it end
+                        await self._refuse(scope, receive, send)
+                        refused = True
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def answer(message: Message) -> None:
+            nonlocal started
+            if refused:
+                return
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        await self.app(scope, counted, answer)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        detail = {"detail": f"body over {self.limit} bytes"}
+        await JSONResponse(detail, status_code=413)(scope, receive, send)
 
 
 def create_app(
@@ -121,7 +161,7 @@ def create_app(
     app.state.remote = remote
     app.add_middleware(_BodyLimit, limit=max_body_bytes)
     app.include_router(
-        openai_router(model, model_name or model.name), dependencies=[Depends(authorize)]
+        openai_router(remote, model_name or model.name), dependencies=[Depends(authorize)]
     )
 
     @app.get("/health")

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
@@ -318,6 +318,34 @@ async def test_bad_requests_get_clear_4xx_and_the_server_survives(
         assert (await http.delete(f"/v1/sessions/{sid}")).status_code == 204
         assert (await http.get("/health")).json() == {"status": "ok"}
         assert (await http.get("/openapi.json")).status_code == 200
+
+
+async def test_a_chunked_body_is_held_to_the_limit_too(cloud_model: LoadedModel) -> None:
+    """A body sent chunked declares no length: the server counts what arrives."""
+    server = Served(create_app(cloud_model, max_body_bytes=1000))
+
+    def chunked(ids: int) -> httpx.Request:
+        async def pieces() -> AsyncIterator[bytes]:
+            yield b'{"prompt_ids": ['
+            for _ in range(ids):
+                yield b"1, "
+            yield b"1]}"
+
+        headers = {"content-type": "application/json"}
+        return httpx.Request("POST", server.url + "/v1/sessions", content=pieces(), headers=headers)
+
+    try:
+        async with httpx.AsyncClient() as http:
+            for ids, status in ((10, 201), (2_000, 413)):
+                r = await http.send(chunked(ids))
+                assert r.request.headers["transfer-encoding"] == "chunked"
+                assert "content-length" not in r.request.headers
+                assert r.status_code == status, r.text
+            assert "1000" in r.json()["detail"]
+            r = await http.post(server.url + "/v1/sessions", json={"prompt_ids": [1, 2]})
+            assert r.status_code == 201  # the server goes on serving
+    finally:
+        server.stop()
 
 
 async def test_api_key_session_cap_and_ttl(cloud_model: LoadedModel) -> None:
