@@ -18,7 +18,7 @@ import uuid
 from dataclasses import dataclass, field
 
 import torch
-from fastapi import Depends, FastAPI, HTTPException, Response
+from fastapi import Depends, FastAPI, Header, HTTPException, Response
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.datastructures import Headers
@@ -52,6 +52,7 @@ class _Session:
     encoding: Encoding
     last_used: float = field(default_factory=time.monotonic)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    key: str | None = None  # the idempotency key it was created with
 
 
 class _BodyLimit:
@@ -136,16 +137,23 @@ def create_app(
         if not secrets.compare_digest(given.encode(), api_key.encode()):
             raise HTTPException(401, "missing or wrong API key", {"WWW-Authenticate": "Bearer"})
 
-    async def expire() -> None:
+    def discard(sid: str) -> _Session | None:
+        """Forget a session and free its cache (no awaiting: see `create`)."""
+        session = sessions.pop(sid, None)
+        if session is not None:
+            session.inner.release()  # frees its cache; passes stop waiting for it
+            if session.key is not None:
+                creating.pop(session.key, None)
+        return session
+
+    def expire_now() -> None:
         now = time.monotonic()
         for sid in [s for s, v in sessions.items() if now - v.last_used > session_ttl_s]:
-            session = sessions.pop(sid, None)
-            if session is not None:
-                await session.inner.close()  # frees its cache; passes stop waiting for it
+            if discard(sid) is not None:
                 log.info("session.expired", session=sid)
 
     async def find(session_id: str) -> _Session:
-        await expire()
+        expire_now()
         session = sessions.get(session_id)
         if session is None:
             raise HTTPException(404, f"unknown or expired session {session_id!r}")
@@ -172,20 +180,53 @@ def create_app(
     async def info() -> Info:
         return info_of(await remote.describe())
 
+    creating: dict[str, asyncio.Future[SessionState]] = {}  # by idempotency key
+    reserved = 0  # places under the cap taken by creates still prefilling
+
     @app.post("/v1/sessions", status_code=201, dependencies=[Depends(authorize)])
-    async def create(body: SessionCreate) -> SessionState:
-        await expire()
-        if len(sessions) >= max_sessions:
-            raise HTTPException(429, f"session limit ({max_sessions}) reached; retry later")
+    async def create(
+        body: SessionCreate,
+        idempotency_key: str | None = Header(default=None, max_length=128),
+    ) -> SessionState:
+        """Open a session. A create carrying the ``Idempotency-Key`` of an earlier one
+        (a client's retry after a lost answer) gets that one's session, never a second:
+        a retry cannot orphan a session that counts against the cap."""
+        nonlocal reserved
+        if idempotency_key is not None and idempotency_key in creating:
+            state = await asyncio.shield(creating[idempotency_key])
+            await asyncio.sleep(step_delay_s)
+            return state
+        # Everything up to the reservation runs without awaiting, so a burst of creates
+        # cannot all pass the check before any of them is counted.
+        expire_now()
+        if len(sessions) + reserved >= max_sessions:
+            raise HTTPException(
+                429, f"session limit ({max_sessions}) reached; retry later", {"Retry-After": "1"}
+            )
         if len(body.prompt_ids) >= model.window:
             raise HTTPException(422, f"prompt of {len(body.prompt_ids)} tokens fills the window")
+        reserved += 1
+        task = asyncio.ensure_future(open_new(body, idempotency_key))
+        if idempotency_key is not None:
+            creating[idempotency_key] = task
+        state = await asyncio.shield(task)  # a client that hangs up leaves it to finish
+        await asyncio.sleep(step_delay_s)
+        return state
+
+    async def open_new(body: SessionCreate, key: str | None) -> SessionState:
+        nonlocal reserved
         try:
             inner, first = await remote.open_session(body.prompt_ids, top_k=body.top_k)
         except (RemoteProtocolError, ConfigurationError) as exc:
+            creating.pop(key or "", None)  # nothing was created: a retry may try again
             raise HTTPException(422, str(exc)) from exc
-        await asyncio.sleep(step_delay_s)
+        except BaseException:
+            creating.pop(key or "", None)
+            raise
+        finally:
+            reserved -= 1
         sid = uuid.uuid4().hex
-        sessions[sid] = _Session(inner, body.encoding)
+        sessions[sid] = _Session(inner, body.encoding, key=key)
         return SessionState(
             session_id=sid, position=inner.length, next=encode_dist(first, body.encoding)
         )
@@ -236,9 +277,7 @@ def create_app(
 
     @app.delete("/v1/sessions/{session_id}", status_code=204, dependencies=[Depends(authorize)])
     async def delete(session_id: str) -> Response:
-        session = sessions.pop(session_id, None)
-        if session is not None:
-            await session.inner.close()
+        discard(session_id)
         return Response(status_code=204)
 
     return app

@@ -29,6 +29,7 @@ from costeer_sdk import (
 )
 from costeer_sdk.context import PromptBuilder
 from costeer_sdk.http_remote import SessionRemote
+from costeer_sdk.privacy import PrivacyViolation, check_sent_ids, sent_token_ids
 from costeer_sdk.server import create_app
 
 PROMPT = "Write a short review of my new shoes."
@@ -240,11 +241,26 @@ async def test_privacy_audit_every_byte_sent_is_public(
     ]
     assert all(m == "POST" and p == session_path + "/advance" for m, p, _ in steps)
     assert sent[-1] == ("DELETE", session_path, b"")
-    everything = b"".join(m.encode() + p.encode() + b for m, p, b in sent)
-    for record in context:
-        assert record.encode() not in everything
-    for word in (b"plantar", b"Oberkampf", b"fasciitis"):
-        assert word not in everything
+    private = llm.prompts.build(PROMPT, context, 10_000).private_ids
+    assert private is not None and set(private) - set(public) - set(out.token_ids)
+    check_sent_ids(
+        sent_token_ids(sent), public_ids=public, output_ids=out.token_ids, private_ids=private
+    )
+
+
+def test_the_audit_catches_a_private_id_and_an_unknown_field() -> None:
+    """The audit above would catch a client that sends what it must not."""
+    public, output, private = [1, 2, 3], [7, 8], [1, 2, 3, 40, 41]
+    fine = [("POST", "/v1/sessions", b'{"prompt_ids": [1, 2, 3], "top_k": 5}')]
+    check_sent_ids(sent_token_ids(fine), public_ids=public, output_ids=output, private_ids=private)
+    leaking = [*fine, ("POST", "/v1/steps", b'{"steps": [{"session_id": "a", "position": 3, '
+                                            b'"token_id": 41}]}')]  # fmt: skip
+    with pytest.raises(PrivacyViolation, match="1 of them from the private prompt"):
+        check_sent_ids(
+            sent_token_ids(leaking), public_ids=public, output_ids=output, private_ids=private
+        )
+    with pytest.raises(ValueError, match="context"):
+        sent_token_ids([("POST", "/v1/sessions", b'{"prompt_ids": [1], "context": "x"}')])
 
 
 async def test_a_lost_answer_is_retried_without_duplicating_a_token(
