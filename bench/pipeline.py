@@ -45,10 +45,10 @@ from tiny import make_model, make_tokenizer
 
 from costeer_sdk import LoadedModel, PersonalLLM
 from costeer_sdk.builtins import DEFAULT_LOCAL
-from costeer_sdk.http_remote import SessionRemote
-from costeer_sdk.loading import load_model, resolve_dtype
-from costeer_sdk.local import LocalModel
-from costeer_sdk.prefixes import DEFAULT_PREFIX_CACHE_BYTES
+from costeer_sdk.engine.loading import load_model, resolve_dtype
+from costeer_sdk.engine.local import LocalModel
+from costeer_sdk.engine.prefixes import DEFAULT_PREFIX_CACHE_BYTES
+from costeer_sdk.remotes.session_http import SessionRemote
 
 HISTORY = ["I ran ten miles in my new shoes.", "The grip is good on wet trails."] * 4
 PROMPT = "Write a short review of my new shoes."
@@ -153,7 +153,8 @@ async def one_delay(
             for pipelined in (False, True):
                 transport = Counting()
                 remote = SessionRemote(url, top_k=20, transport=transport)
-                llm = PersonalLLM(remote, local, pipelined=pipelined)
+                llm = PersonalLLM(remote, local)
+                llm._pipelined = pipelined  # the sequential baseline is bench-only
                 await llm.generate(PROMPT, context=HISTORY, max_new_tokens=2)  # warm-up
                 s = (await llm.generate(PROMPT, context=HISTORY, max_new_tokens=tokens)).stats
                 await remote.aclose()

@@ -6,7 +6,7 @@ and one row at a time reusing a kept prefix.
 The private branch holds the history (LongLaMP's five past reviews are ~2,000 tokens),
 the public branch only the query (~100). A padded batch of the two computes
 2 x 2,000 positions; one row at a time computes 2,100 and merges the caches. With a
-prefix cache (`costeer_sdk.prefixes`) holding an earlier prompt of the same history
+prefix cache (`costeer_sdk.engine.prefixes`) holding an earlier prompt of the same history
 with another query, the private branch computes only its query: 2 x 100 positions.
 Prints the median seconds of each, side by side in one run, their ratios to the padded
 batch, and the largest difference of each one's next-token logits from the one before.
@@ -21,10 +21,11 @@ from collections.abc import Callable
 
 import torch
 
-from costeer_sdk.batching import KVState, StepBatcher
 from costeer_sdk.builtins import DEFAULT_LOCAL
-from costeer_sdk.loading import load_model
-from costeer_sdk.prefixes import PrefixCache
+from costeer_sdk.engine.batcher import StepBatcher
+from costeer_sdk.engine.kv_cache import KVState
+from costeer_sdk.engine.loading import load_model
+from costeer_sdk.engine.prefixes import PrefixCache
 
 Prefill = Callable[[list[list[int]]], tuple[KVState, torch.Tensor]]
 
@@ -50,15 +51,15 @@ def main() -> None:
     rows = [private, public]
 
     def with_a_kept_prefix(rows: list[list[int]]) -> tuple[KVState, torch.Tensor]:
-        return reusing._prefill(rows)
+        return reusing.prefiller.prefill(rows)
 
     def keep_the_history() -> None:  # untimed: an earlier generation of the same user
         prefixes.clear()
-        reusing._prefill([history + other_query])
+        reusing.prefiller.prefill([history + other_query])
 
     variants: dict[str, Prefill] = {
-        "padded batch": plain._prefill_padded,
-        "row by row": plain._prefill,
+        "padded batch": plain.prefiller._prefill_padded,
+        "row by row": plain.prefiller.prefill,
         "reusing a kept prefix": with_a_kept_prefix,
     }
     timings: dict[str, list[float]] = {name: [] for name in variants}

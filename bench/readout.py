@@ -21,9 +21,10 @@ import time
 
 import torch
 
-from costeer_sdk.batching import KVState, StepBatcher
 from costeer_sdk.builtins import DEFAULT_LOCAL
-from costeer_sdk.loading import load_model
+from costeer_sdk.engine.batcher import StepBatcher
+from costeer_sdk.engine.kv_cache import KVState
+from costeer_sdk.engine.loading import load_model
 
 TOP_K = 20
 

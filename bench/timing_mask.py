@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from tiny import make_model, make_tokenizer
 
 from costeer_sdk import InProcessRemote, NextTokenLogprobs, PersonalLLM, RemoteInfo
-from costeer_sdk.local import LocalModel
+from costeer_sdk.engine.local import LocalModel
 
 PROMPT = "Write a short review of my new shoes."
 RECORD = "I ran ten miles in my new shoes and they felt light and springy."

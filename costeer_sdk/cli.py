@@ -144,7 +144,7 @@ def serve(
     dtype: str,
 ) -> None:
     """Serve a cloud model over HTTP (the session protocol; see /docs)."""
-    from costeer_sdk.server import serve as run_server
+    from costeer_sdk.server.app import serve as run_server
 
     run_server(
         model,
@@ -163,7 +163,7 @@ def serve(
 @click.argument("specs", nargs=-1)
 def prepare(specs: tuple[str, ...]) -> None:
     """Assemble and convert models ahead of time (default: the embedded pair)."""
-    from costeer_sdk.loading import load_model
+    from costeer_sdk.engine.loading import load_model
 
     for spec in specs or (DEFAULT_CLOUD, DEFAULT_LOCAL):
         model = load_model(spec)

@@ -6,15 +6,17 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncGenerator, Sequence
-from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Literal
 
 import torch
 
 from costeer_sdk.builtins import DEFAULT_CLOUD, DEFAULT_LOCAL
-from costeer_sdk.context import ContextTemplate, Prompt, PromptBuilder, Prompts, query_text
+from costeer_sdk.context import ContextTemplate, Prompt, PromptBuilder, query_text
 from costeer_sdk.decoding import SamplingParams, TextAssembler, TokenChooser
+from costeer_sdk.engine.local import LocalModel
+from costeer_sdk.engine.prefixes import DEFAULT_PREFIX_CACHE_BYTES
+from costeer_sdk.engine.runtime import LoadedModel
 from costeer_sdk.errors import (
     ClientClosedError,
     ConfigurationError,
@@ -22,155 +24,21 @@ from costeer_sdk.errors import (
     RemoteError,
     TokenizerMismatchError,
 )
-from costeer_sdk.fusion import SteeringConfig, steering_weight
-from costeer_sdk.local import LocalModel
+from costeer_sdk.fusion import DEFAULT_TOP_K, SteeringConfig
+from costeer_sdk.generation import Progress, Request
 from costeer_sdk.logs import get_logger
 from costeer_sdk.memory.base import MemoryStore
+from costeer_sdk.memory.personal import personal_context
 from costeer_sdk.memory.retrieval import BM25Retriever, Retriever
-from costeer_sdk.prefixes import DEFAULT_PREFIX_CACHE_BYTES
-from costeer_sdk.remote import InProcessRemote, Remote, RemoteInfo
-from costeer_sdk.runtime import LoadedModel
-from costeer_sdk.scheduler import StepClock, steer
+from costeer_sdk.remotes.base import Remote, RemoteInfo
+from costeer_sdk.remotes.in_process import InProcessRemote
+from costeer_sdk.results import Generation
+from costeer_sdk.scheduler import steer
+from costeer_sdk.stream import GenerationStream
 
 log = get_logger(__name__)
 
-FinishReason = Literal["stop", "length", "interrupted"]
-
 PrefixScope = Literal["user", "shared"]
-
-
-@dataclass(frozen=True)
-class GenerationStats:
-    """Where a generation's time went.
-
-    ``remote_s`` and ``local_s`` are summed waits on each side; with the two in flight
-    together their sum exceeds ``elapsed_s``.
-    """
-
-    steps: int
-    prompt_tokens: int
-    private_prompt_tokens: int
-    context_records_used: int
-    elapsed_s: float
-    time_to_first_token_s: float
-    remote_s: float
-    local_s: float
-    fuse_s: float
-    steering_weight: float
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.steps / self.elapsed_s if self.elapsed_s > 0 else 0.0
-
-
-@dataclass(frozen=True)
-class Generation:
-    """A finished generation.
-
-    Attributes:
-        text: the generated text, cut before any stop string, without special tokens.
-        token_ids: every chosen token (the one that completed a stop string included,
-            EOS excluded).
-        finish_reason: as OpenAI's: "stop" (the model ended its turn, or a stop
-            string) or "length" (max_new_tokens); "interrupted" only on the partial
-            result a `GenerationStream` holds after an error or an early close.
-        steered: whether a personal context steered it (False: cloud-only).
-    """
-
-    text: str
-    token_ids: list[int]
-    finish_reason: FinishReason
-    steered: bool
-    stats: GenerationStats
-
-
-class GenerationStream:
-    """The text pieces of one generation as they are decided (``async for``), and then
-    the finished `Generation` in ``generation``.
-
-    Use it as ``async with llm.stream(...) as stream:``: leaving the block (a
-    ``break``, an exception) ends the generation and frees its remote session at once.
-    Without ``async with``, call ``aclose()`` when stopping early; a stream merely
-    abandoned is only closed when the garbage collector finds it."""
-
-    def __init__(self, pieces: AsyncGenerator[str, None], request: _Request) -> None:
-        self._pieces = pieces
-        self._request = request
-
-    def __aiter__(self) -> GenerationStream:
-        return self
-
-    async def __anext__(self) -> str:
-        return await anext(self._pieces)
-
-    async def aclose(self) -> None:
-        await self._pieces.aclose()
-
-    async def __aenter__(self) -> GenerationStream:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-    @property
-    def generation(self) -> Generation | None:
-        """The finished generation once the stream is exhausted; after an error or an
-        early close, what was decided until then (``finish_reason="interrupted"``);
-        None while it runs."""
-        return self._request.result
-
-
-@dataclass
-class _Request:
-    prompt: Prompt
-    context: Sequence[str] | None
-    max_new_tokens: int
-    sampling: SamplingParams
-    stop: Sequence[str]
-    steering: SteeringConfig
-    scope: object = None  # whose kept local prefixes this generation may reuse
-    result: Generation | None = field(default=None, init=False)
-
-
-@dataclass
-class _Run:
-    """One generation's progress: what `Generation` is built from, finished or not."""
-
-    prompts: Prompts
-    request: _Request
-    text: TextAssembler
-    clock: StepClock = field(default_factory=StepClock)
-    started: float = field(default_factory=time.perf_counter)
-    first_token_at: float | None = None
-    finish: FinishReason = "length"
-    at_eos: bool = False
-
-    @property
-    def steered(self) -> bool:
-        return self.prompts.private_ids is not None
-
-    def result(self, finish: FinishReason) -> Generation:
-        elapsed = time.perf_counter() - self.started
-        prompts, clock = self.prompts, self.clock
-        stats = GenerationStats(
-            steps=len(self.text.token_ids) + self.at_eos,
-            prompt_tokens=len(prompts.public_ids),
-            private_prompt_tokens=len(prompts.private_ids or ()),
-            context_records_used=prompts.records_used,
-            elapsed_s=elapsed,
-            time_to_first_token_s=(self.first_token_at or time.perf_counter()) - self.started,
-            remote_s=clock.remote_s,
-            local_s=clock.local_s,
-            fuse_s=clock.fuse_s,
-            steering_weight=steering_weight(self.request.steering) if self.steered else 0.0,
-        )
-        text = self.text
-        return Generation(text.text, list(text.token_ids), finish, self.steered, stats)
 
 
 class PersonalLLM:
@@ -189,8 +57,6 @@ class PersonalLLM:
         memory: the user-history store that ``generate(user_id=...)`` retrieves from.
         memory_k: how many records to retrieve per generation (the paper uses 5).
         retriever: how records are chosen (`BM25Retriever` by default).
-        pipelined: issue each step's remote request and local pass together (default);
-            False runs them one after the other, as a baseline for comparison.
         prefix_scope: whose kept local prefixes a generation may reuse (`prefixes`):
             ``"user"`` (default) only those of generations with the same ``user_id``
             (a generation without one reuses nothing kept by others), so that how fast
@@ -215,7 +81,6 @@ class PersonalLLM:
         memory: MemoryStore | None = None,
         memory_k: int = 5,
         retriever: Retriever | None = None,
-        pipelined: bool = True,
         prefix_scope: PrefixScope = "user",
         prefill_bucket_s: float = 0.0,
     ) -> None:
@@ -250,7 +115,8 @@ class PersonalLLM:
         self.memory = memory
         self.memory_k = memory_k
         self.retriever = retriever or BM25Retriever()
-        self.pipelined = pipelined
+        self._pipelined = True  # False: remote then local, the baseline bench/pipeline.py times
+        self._owns_remote = False  # True where this object created its remote
         self.steering = steering or SteeringConfig()
         self.max_context_tokens = max_context_tokens
         self.prompts = PromptBuilder(local.tokenizer, context_template, system_prompt)
@@ -266,7 +132,7 @@ class PersonalLLM:
         local: str = DEFAULT_LOCAL,
         steering: SteeringConfig | None = None,
         *,
-        top_k: int | None = 20,
+        top_k: int | None = DEFAULT_TOP_K,
         device: str = "cpu",
         dtype: torch.dtype | str = "auto",
         progress: bool = True,
@@ -290,7 +156,7 @@ class PersonalLLM:
         default pair, full-vocabulary fusion (``top_k=None``, the paper's literal form)
         tends to copy the history verbatim; see docs/benchmarks.md.
         """
-        from costeer_sdk.loading import load_model
+        from costeer_sdk.engine.loading import load_model
 
         cloud_model = load_model(cloud, device=device, dtype=dtype, progress=progress)
         local_model = (
@@ -308,6 +174,7 @@ class PersonalLLM:
             **options,  # type: ignore[arg-type]
         )
         llm._owned = [cloud_model, local_model]
+        llm._owns_remote = True
         return llm
 
     @classmethod
@@ -399,7 +266,7 @@ class PersonalLLM:
             request.scope = object()  # reuses nothing another generation kept
         return GenerationStream(self._stream(request, user_id), request)
 
-    async def _stream(self, request: _Request, user_id: str | None) -> AsyncGenerator[str, None]:
+    async def _stream(self, request: Request, user_id: str | None) -> AsyncGenerator[str, None]:
         if self._closed:
             raise ClientClosedError("the client was closed", partial_text="", token_ids=[])
         self._running += 1
@@ -419,23 +286,16 @@ class PersonalLLM:
     async def _context(
         self, prompt: Prompt, context: Sequence[str] | None, user_id: str | None
     ) -> Sequence[str] | None:
-        """Explicit context wins; else the user's retrieved records (oldest first, so
-        truncation drops the oldest) followed by their profile."""
+        """Explicit context wins; else the user's records from the memory store."""
         if context is not None or user_id is None:
             return context
         if self.memory is None:
             raise ConfigurationError(
                 "user_id needs a memory store: PersonalLLM(..., memory=SQLiteMemoryStore(path))"
             )
-        query = query_text(prompt)
-        hits = await self.retriever.retrieve(self.memory, user_id, query, self.memory_k)
-        records = sorted((hit.record for hit in hits), key=lambda r: r.created_at)
-        texts = [r.text for r in records]
-        profile = await self.memory.get_profile(user_id)
-        if profile:
-            texts.append("About me: " + "; ".join(f"{k}: {v}" for k, v in profile.items()))
-        log.info("memory.retrieved", records=len(records), profile=bool(profile))
-        return texts
+        return await personal_context(
+            self.memory, self.retriever, user_id, query_text(prompt), self.memory_k
+        )
 
     def _request(
         self,
@@ -447,7 +307,7 @@ class PersonalLLM:
         seed: int | None,
         stop: Sequence[str] | str,
         steering: SteeringConfig | None,
-    ) -> _Request:
+    ) -> Request:
         query_text(prompt)  # a non-empty string, or a conversation ending with a user turn
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
             raise ConfigurationError(f"max_new_tokens must be an int, got {max_new_tokens!r}")
@@ -455,7 +315,7 @@ class PersonalLLM:
             raise ConfigurationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if isinstance(context, str):
             context = [context]
-        return _Request(
+        return Request(
             prompt=prompt,
             context=context,
             max_new_tokens=max_new_tokens,
@@ -464,7 +324,7 @@ class PersonalLLM:
             steering=steering or self.steering,
         )
 
-    async def _run(self, request: _Request) -> AsyncGenerator[str, None]:
+    async def _run(self, request: Request) -> AsyncGenerator[str, None]:
         info = await self._info()
         local = self.local.model
         window = min(info.max_sequence_length, local.window, self.max_context_tokens or 1 << 62)
@@ -476,7 +336,7 @@ class PersonalLLM:
         prompts = self.prompts.build(
             request.prompt, request.context, window - request.max_new_tokens
         )
-        run = _Run(prompts, request, TextAssembler(local.tokenizer, request.stop))
+        run = Progress(prompts, request, TextAssembler(local.tokenizer, request.stop))
         log.info(
             "generate.start",
             prompt_tokens=len(prompts.public_ids),
@@ -493,7 +353,7 @@ class PersonalLLM:
             TokenChooser(request.sampling),
             request.max_new_tokens,
             run.clock,
-            pipelined=self.pipelined,
+            pipelined=self._pipelined,
             scope=request.scope,
             prefill_bucket_s=self.prefill_bucket_s,
         )
@@ -581,7 +441,9 @@ class PersonalLLM:
     async def aclose(self, *, timeout_s: float = 10.0) -> None:
         """End the generations still running (each raises `ClientClosedError`, keeping
         its partial text, once its remote session is closed), refuse new ones, then close
-        the remote and release the models this object loaded.
+        what this object created: the remote and models of `from_models`. A remote or
+        model passed in stays open, as openai-python leaves an ``http_client`` it was
+        given open: close it yourself (``await remote.aclose()``).
 
         ``timeout_s`` bounds the wait for the running generations to wind down."""
         self._closed = True
@@ -591,7 +453,8 @@ class PersonalLLM:
             self._idle = asyncio.Event()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), timeout_s)
-        await self.remote.aclose()
+        if self._owns_remote:
+            await self.remote.aclose()
         for model in self._owned:
             model.close()
 

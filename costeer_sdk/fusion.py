@@ -34,6 +34,12 @@ __all__ = [
 ]
 
 
+DEFAULT_TOP_K = 20
+"""The steering support everywhere a default is needed: the cloud's top 20 tokens (what
+vLLM serves by default, `--max-logprobs`). The device re-ranks what the cloud finds
+plausible; see `SteeringConfig` and docs/benchmarks.md for why not the whole vocabulary."""
+
+
 @dataclass(frozen=True)
 class SteeringConfig:
     """Hyperparameters of the CoSteer update; defaults are the paper's.

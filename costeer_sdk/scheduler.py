@@ -16,11 +16,11 @@ from typing import Any, TypeVar
 
 from costeer_sdk.context import Prompts
 from costeer_sdk.decoding import TokenChooser
+from costeer_sdk.engine.local import BranchPair, LocalModel
+from costeer_sdk.engine.prefixes import Scope
+from costeer_sdk.engine.readout import NextTokenScores
 from costeer_sdk.fusion import SteeringConfig, fuse
-from costeer_sdk.local import BranchPair, LocalModel
-from costeer_sdk.prefixes import Scope
-from costeer_sdk.readout import NextTokenScores
-from costeer_sdk.remote import NextTokenLogprobs, Remote, RemoteSession
+from costeer_sdk.remotes.base import NextTokenLogprobs, Remote, RemoteSession
 
 T = TypeVar("T")
 

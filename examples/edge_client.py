@@ -19,8 +19,8 @@ import httpx
 
 from costeer_sdk import PersonalLLM
 from costeer_sdk.builtins import DEFAULT_CLOUD, DEFAULT_LOCAL
-from costeer_sdk.http_remote import SessionRemote
 from costeer_sdk.privacy import check_sent_ids, sent_token_ids
+from costeer_sdk.remotes.session_http import SessionRemote
 
 NOTES = [
     "I am training for my first marathon in April; my long run is 18 miles on Sundays.",
@@ -75,7 +75,8 @@ async def main() -> None:
             except httpx.TransportError:
                 time.sleep(0.5)
         recorder = Recorder()
-        async with PersonalLLM(SessionRemote(url, transport=recorder), args.local) as llm:
+        remote = SessionRemote(url, transport=recorder)
+        async with remote, PersonalLLM(remote, args.local) as llm:  # each closes its own
             prompt = "Which running shoes should I buy next?"
             out = await llm.generate(prompt, context=NOTES, max_new_tokens=args.max_new_tokens)
             prompts = llm.prompts.build(prompt, NOTES, 1 << 30)

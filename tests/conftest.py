@@ -43,7 +43,7 @@ def model_dirs(tokenizer, tmp_path_factory) -> list[str]:  # type: ignore[no-unt
 
 @pytest.fixture
 def llm(cloud_model, local_model) -> PersonalLLM:
-    return PersonalLLM(InProcessRemote(cloud_model), local_model)
+    return PersonalLLM(InProcessRemote(cloud_model, top_k=None), local_model)
 
 
 HISTORY = [

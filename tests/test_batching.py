@@ -62,7 +62,7 @@ def test_growing_cache_holds_what_a_dynamic_cache_holds() -> None:
     transformers' concatenating cache returns, also after a crop and a reorder."""
     from transformers import DynamicCache
 
-    from costeer_sdk.batching import new_cache
+    from costeer_sdk.engine.kv_cache import new_cache
 
     g = torch.Generator().manual_seed(0)
     grow, plain = new_cache(), DynamicCache()

@@ -10,14 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from costeer_sdk import (
-    ConfigurationError,
-    SteeringConfig,
-    fuse,
-    fuse_iterative,
-    fuse_top_k,
-    steering_weight,
-)
+from costeer_sdk import ConfigurationError
+from costeer_sdk.fusion import SteeringConfig, fuse, fuse_iterative, fuse_top_k, steering_weight
 
 
 @st.composite

@@ -25,9 +25,9 @@ from costeer_sdk import (
     RemoteUnavailable,
     SteeringConfig,
     TokenizerMismatchError,
-    fuse_iterative,
 )
 from costeer_sdk.context import PromptBuilder
+from costeer_sdk.fusion import fuse_iterative
 
 PROMPT = "Write a short review of my new shoes."
 
@@ -208,14 +208,14 @@ async def test_bad_conversations_are_value_errors(
 async def test_eos_of_the_chat_format_ends_generation(
     cloud_model: LoadedModel, local_model: LoadedModel
 ) -> None:
-    free = await PersonalLLM(InProcessRemote(cloud_model), local_model).generate(
+    free = await PersonalLLM(InProcessRemote(cloud_model, top_k=None), local_model).generate(
         PROMPT, context=HISTORY, max_new_tokens=12
     )
     eos = free.token_ids[4]
     local_model.model.generation_config.eos_token_id = [eos]
     stopping_local = LoadedModel("tiny-local-eos", local_model.model, local_model.tokenizer)
     try:
-        llm = PersonalLLM(InProcessRemote(cloud_model), stopping_local)
+        llm = PersonalLLM(InProcessRemote(cloud_model, top_k=None), stopping_local)
         out = await llm.generate(PROMPT, context=HISTORY, max_new_tokens=12)
     finally:
         local_model.model.generation_config.eos_token_id = local_model.tokenizer.eos_token_id
@@ -232,7 +232,7 @@ async def test_max_new_tokens_bounds_the_output(llm: PersonalLLM) -> None:
 async def test_top_k_remote_steers_within_the_cloud_top_k(
     cloud_model: LoadedModel, local_model: LoadedModel
 ) -> None:
-    full = PersonalLLM(InProcessRemote(cloud_model), local_model)
+    full = PersonalLLM(InProcessRemote(cloud_model, top_k=None), local_model)
     whole = PersonalLLM(InProcessRemote(cloud_model, top_k=len(cloud_model.tokenizer)), local_model)
     top3 = PersonalLLM(InProcessRemote(cloud_model, top_k=3), local_model)
     kwargs = {"context": HISTORY, "max_new_tokens": 16, "steering": SteeringConfig(beta=5.0)}
@@ -320,7 +320,7 @@ async def test_remote_failure_keeps_the_partial_text(
     cloud_model: LoadedModel, local_model: LoadedModel, llm: PersonalLLM
 ) -> None:
     full = await llm.generate(PROMPT, context=HISTORY, max_new_tokens=10)
-    broken = PersonalLLM(FailingRemote(InProcessRemote(cloud_model), 3), local_model)
+    broken = PersonalLLM(FailingRemote(InProcessRemote(cloud_model, top_k=None), 3), local_model)
     with pytest.raises(GenerationInterrupted) as info:
         await broken.generate(PROMPT, context=HISTORY, max_new_tokens=10)
     assert info.value.token_ids == full.token_ids[:4]

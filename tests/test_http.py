@@ -28,9 +28,9 @@ from costeer_sdk import (
     RemoteUnavailable,
 )
 from costeer_sdk.context import PromptBuilder
-from costeer_sdk.http_remote import SessionRemote
 from costeer_sdk.privacy import PrivacyViolation, check_sent_ids, sent_token_ids
-from costeer_sdk.server import create_app
+from costeer_sdk.remotes.session_http import SessionRemote
+from costeer_sdk.server.app import create_app
 
 PROMPT = "Write a short review of my new shoes."
 
@@ -209,7 +209,7 @@ async def test_a_refused_step_fails_alone_in_a_batch(served: Served) -> None:
 async def test_f16_full_distributions_keep_greedy_choices(
     served: Served, cloud_model: LoadedModel, local_model: LoadedModel
 ) -> None:
-    local = PersonalLLM(InProcessRemote(cloud_model), local_model)
+    local = PersonalLLM(InProcessRemote(cloud_model, top_k=None), local_model)
     remote = SessionRemote(served.url, top_k=None, encoding="f16")
     a = await local.generate(PROMPT, max_new_tokens=16)
     b = await PersonalLLM(remote, local_model).generate(PROMPT, max_new_tokens=16)
@@ -489,7 +489,7 @@ async def test_costeer_serve_dtype_bfloat16_serves_bfloat16_log_probs(
         await remote.aclose()
         proc.kill()
         proc.wait()
-    _, wide = await InProcessRemote(cloud_model).open_session(prompt)
+    _, wide = await InProcessRemote(cloud_model, top_k=None).open_session(prompt)
     gap = (served.logprobs - wide.logprobs).abs().max()
     assert 0 < gap < 0.2  # bfloat16's rounding, not another model
     assert out.steered and out.token_ids  # and a float32 client steers with them

@@ -19,8 +19,8 @@ import pytest
 import pytest_asyncio
 
 from costeer_sdk import PersonalLLM
-from costeer_sdk.loading import builtin_gguf, cache_root
-from costeer_sdk.openai_remote import OpenAICompatibleRemote
+from costeer_sdk.engine.loading import builtin_gguf, cache_root
+from costeer_sdk.remotes.openai import OpenAICompatibleRemote
 
 BINARY = os.environ.get("COSTEER_LLAMA_SERVER", "")
 pytestmark = [

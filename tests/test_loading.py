@@ -9,8 +9,9 @@ import pytest
 import torch
 from tiny import make_model
 
-from costeer_sdk import ConfigurationError, ModelNotFoundError, loading
-from costeer_sdk.loading import cached_conversion, load_model, resolve_dtype, verify_cache
+from costeer_sdk import ConfigurationError, ModelNotFoundError
+from costeer_sdk.engine import loading
+from costeer_sdk.engine.loading import cached_conversion, load_model, resolve_dtype, verify_cache
 
 
 @pytest.fixture(autouse=True)

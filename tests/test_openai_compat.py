@@ -21,9 +21,9 @@ from costeer_sdk import (
     PersonalLLM,
     RemoteProtocolError,
 )
-from costeer_sdk.completions import TextPieces
-from costeer_sdk.openai_remote import OpenAICompatibleRemote, _parse_completions
-from costeer_sdk.server import create_app
+from costeer_sdk.remotes.openai import OpenAICompatibleRemote, _parse_completions
+from costeer_sdk.server.app import create_app
+from costeer_sdk.server.completions import TextPieces
 
 PROMPT = "Write a short review of my new shoes."
 MODEL = "tiny-cloud"

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from costeer_sdk import ConfigurationError, InProcessRemote, LoadedModel, PersonalLLM
-from costeer_sdk.batching import StepBatcher
-from costeer_sdk.http_remote import SessionRemote
-from costeer_sdk.local import LocalModel
-from costeer_sdk.prefixes import PrefixCache
-from costeer_sdk.server import create_app
+from costeer_sdk.engine.batcher import StepBatcher
+from costeer_sdk.engine.local import LocalModel
+from costeer_sdk.engine.prefixes import PrefixCache
+from costeer_sdk.remotes.session_http import SessionRemote
+from costeer_sdk.server.app import create_app
 
 CONTEXT = list(range(5, 45))  # 40 tokens shared by the private rows below
 PUBLIC_A, PUBLIC_B = [50, 51, 52], [60, 61, 62, 63]
@@ -205,7 +205,7 @@ async def test_costeer_serve_reuses_prompt_prefixes_only_when_asked(
     prompts = [CONTEXT + PUBLIC_A, CONTEXT + PUBLIC_B]
     reference = []
     for prompt in prompts:
-        _, dist = await InProcessRemote(cloud_model).open_session(prompt)
+        _, dist = await InProcessRemote(cloud_model, top_k=None).open_session(prompt)
         reference.append(dist.logprobs)
     for budget in (0, 1 << 20):
         app = create_app(cloud_model, prefix_cache_bytes=budget)

@@ -10,8 +10,8 @@ import torch
 from transformers import Gemma2Config, Gemma2ForCausalLM
 
 from costeer_sdk import LoadedModel
-from costeer_sdk.batching import StepBatcher
-from costeer_sdk.readout import NextTokenScores, output_head
+from costeer_sdk.engine.batcher import StepBatcher
+from costeer_sdk.engine.readout import NextTokenScores, output_head
 
 ROWS = [[5, 6, 7, 8, 9, 10], [11, 12, 13]]
 

@@ -24,10 +24,10 @@ from costeer_sdk import (
     RemoteProtocolError,
 )
 from costeer_sdk.context import PromptBuilder
-from costeer_sdk.http_remote import SessionRemote
-from costeer_sdk.local import LocalModel
-from costeer_sdk.remote import NextTokenLogprobs, RemoteInfo
-from costeer_sdk.server import create_app
+from costeer_sdk.engine.local import LocalModel
+from costeer_sdk.remotes.base import NextTokenLogprobs, RemoteInfo
+from costeer_sdk.remotes.session_http import SessionRemote
+from costeer_sdk.server.app import create_app
 
 
 def twin(model: LoadedModel) -> LoadedModel:

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 from tiny import make_model, make_tokenizer
 
-from costeer_sdk.server import create_app
+from costeer_sdk.server.app import create_app
 
 schemathesis = pytest.importorskip("schemathesis")
 

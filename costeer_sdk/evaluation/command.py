@@ -12,7 +12,7 @@ import click
 from costeer_sdk.builtins import DEFAULT_CLOUD, DEFAULT_LOCAL
 from costeer_sdk.cli_options import DTYPE
 from costeer_sdk.fusion import SteeringConfig
-from costeer_sdk.remote import Remote
+from costeer_sdk.remotes.base import Remote
 
 _DEFAULTS = SteeringConfig()
 
@@ -103,13 +103,13 @@ def eval_command(
     """
     from tqdm.auto import tqdm
 
+    from costeer_sdk.engine.loading import load_model, resolve_dtype
+    from costeer_sdk.engine.runtime import LoadedModel
     from costeer_sdk.errors import ConfigurationError
     from costeer_sdk.evaluation.report import write_report
     from costeer_sdk.evaluation.runner import Evaluator, RunLog, RunSettings, check_methods
     from costeer_sdk.evaluation.tasks import make_task
-    from costeer_sdk.loading import load_model, resolve_dtype
     from costeer_sdk.memory import SQLiteMemoryStore
-    from costeer_sdk.runtime import LoadedModel
 
     try:
         steering = SteeringConfig(iterations, alpha, beta, player_lambda, eta)
@@ -184,10 +184,10 @@ def eval_command(
 def _remote(url: str, api: str, model: str, top_k: int | None) -> Remote:
     """The cloud side as a network remote."""
     if api == "costeer":
-        from costeer_sdk.http_remote import SessionRemote
+        from costeer_sdk.remotes.session_http import SessionRemote
 
         return SessionRemote(url, top_k=top_k)
-    from costeer_sdk.openai_remote import OpenAICompatibleRemote
+    from costeer_sdk.remotes.openai import OpenAICompatibleRemote
 
     return OpenAICompatibleRemote(
         url, model, top_k=top_k or 20, dialect="llama.cpp" if api == "llama.cpp" else "completions"

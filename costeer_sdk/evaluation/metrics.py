@@ -17,7 +17,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from costeer_sdk.loading import cache_root
+from costeer_sdk.engine.loading import cache_root
 from costeer_sdk.logs import get_logger
 
 log = get_logger(__name__)

@@ -23,14 +23,15 @@ from pathlib import Path
 from typing import Any
 
 from costeer_sdk.client import PersonalLLM
+from costeer_sdk.engine.local import LocalModel
+from costeer_sdk.engine.runtime import LoadedModel
 from costeer_sdk.errors import ConfigurationError, GenerationInterrupted
 from costeer_sdk.evaluation.metrics import score
 from costeer_sdk.evaluation.tasks import Example, Task
-from costeer_sdk.fusion import SteeringConfig
-from costeer_sdk.local import LocalModel
+from costeer_sdk.fusion import DEFAULT_TOP_K, SteeringConfig
 from costeer_sdk.logs import get_logger
-from costeer_sdk.remote import InProcessRemote, Remote
-from costeer_sdk.runtime import LoadedModel
+from costeer_sdk.remotes.base import Remote
+from costeer_sdk.remotes.in_process import InProcessRemote
 
 log = get_logger(__name__)
 
@@ -175,7 +176,7 @@ class Evaluator:
         local: LoadedModel,
         *,
         steering: SteeringConfig | None = None,
-        top_k: int | None = 20,
+        top_k: int | None = DEFAULT_TOP_K,
         max_new_tokens: int = 128,
     ) -> None:
         self.task = task

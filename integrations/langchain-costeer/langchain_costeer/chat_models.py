@@ -208,7 +208,7 @@ class ChatCoSteer(BaseChatModel):
                 PersonalLLM.from_models, self.model, self.local_model, top_k=self.top_k,
                 progress=False, memory=memory,
             )  # fmt: skip
-        from costeer_sdk.local import LocalModel
+        from costeer_sdk.engine.local import LocalModel
 
         options: dict[str, Any] = {"retries": self.max_retries}
         if self.timeout is not None:
@@ -216,11 +216,11 @@ class ChatCoSteer(BaseChatModel):
         api_key = self.api_key.get_secret_value() if self.api_key else None
         remote: Any
         if self.remote_api == "costeer":
-            from costeer_sdk.http_remote import SessionRemote
+            from costeer_sdk.remotes.session_http import SessionRemote
 
             remote = SessionRemote(self.model, api_key=api_key, top_k=self.top_k, **options)
         else:
-            from costeer_sdk.openai_remote import OpenAICompatibleRemote
+            from costeer_sdk.remotes.openai import OpenAICompatibleRemote
 
             if not self.remote_model:
                 raise ValueError("remote_api='openai'/'llama.cpp' needs remote_model")

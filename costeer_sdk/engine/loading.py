@@ -35,9 +35,9 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
 from costeer_sdk.builtins import BUILTIN_MODELS, BuiltinModel
+from costeer_sdk.engine.runtime import LoadedModel
 from costeer_sdk.errors import ConfigurationError, ModelCacheError, ModelNotFoundError
 from costeer_sdk.logs import get_logger
-from costeer_sdk.runtime import LoadedModel
 
 log = get_logger(__name__)
 

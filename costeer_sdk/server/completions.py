@@ -18,8 +18,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from costeer_sdk.decoding import SamplingParams, TokenChooser
-from costeer_sdk.remote import InProcessRemote
-from costeer_sdk.runtime import LoadedModel
+from costeer_sdk.engine.runtime import LoadedModel
+from costeer_sdk.remotes.in_process import InProcessRemote
 
 Top = list[tuple[int, float]]
 """The top-k alternatives at one position: (token id, log-prob), best first."""

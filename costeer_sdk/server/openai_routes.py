@@ -19,10 +19,10 @@ from typing import Any
 from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, ConfigDict, Field
 
-from costeer_sdk.completions import Completion, Request, complete
+from costeer_sdk.engine.runtime import LoadedModel
 from costeer_sdk.errors import ConfigurationError
-from costeer_sdk.remote import InProcessRemote
-from costeer_sdk.runtime import LoadedModel
+from costeer_sdk.remotes.in_process import InProcessRemote
+from costeer_sdk.server.completions import Completion, Request, complete
 
 
 class CompletionRequest(BaseModel):

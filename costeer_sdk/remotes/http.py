@@ -1,4 +1,4 @@
-"""HTTP remotes: the shared client machinery, and `SessionRemote` for `costeer serve`.
+"""What every HTTP remote shares: one pooled client, timeouts, retries, typed errors.
 
 One pooled `httpx.AsyncClient` per remote. Every call has a timeout; calls that are
 safe to repeat (all of them: a step names its position, so a repeated step is not
@@ -11,9 +11,7 @@ this client cannot use); an error status as the `RemoteStatusError` subclass for
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Sequence
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import httpx
 from pydantic import BaseModel, ValidationError
@@ -37,19 +35,7 @@ from costeer_sdk.errors import (
     RemoteStatusError,
     RemoteUnavailable,
 )
-from costeer_sdk.gathering import Gatherer
 from costeer_sdk.logs import get_logger
-from costeer_sdk.remote import NextTokenLogprobs, RemoteInfo
-from costeer_sdk.wire import (
-    Encoding,
-    Info,
-    SessionAdvance,
-    SessionState,
-    SessionStep,
-    StepBatch,
-    StepResults,
-    decode,
-)
 
 log = get_logger(__name__)
 
@@ -68,7 +54,7 @@ class _Retryable(Exception):
         self.final = final
 
 
-_STATUS_ERRORS: dict[int, type[RemoteStatusError]] = {
+STATUS_ERRORS: dict[int, type[RemoteStatusError]] = {
     400: BadRequestError,
     401: AuthenticationError,
     403: PermissionDeniedError,
@@ -170,7 +156,7 @@ class HTTPRemote:
         message = f"{status} from {self.base_url}: {detail}"
         if status == 429:
             return RateLimitError(message, status_code=status, retry_after=_retry_after(response))
-        return _STATUS_ERRORS.get(status, RemoteStatusError)(message, status_code=status)
+        return STATUS_ERRORS.get(status, RemoteStatusError)(message, status_code=status)
 
     def _answer(self, response: httpx.Response) -> Any:
         if response.status_code == 204:
@@ -197,127 +183,17 @@ class HTTPRemote:
     async def aclose(self) -> None:
         await self._client.aclose()
 
+    async def __aenter__(self) -> Self:
+        return self
 
-class SessionRemote(HTTPRemote):
-    """A `Remote` served by ``costeer serve`` (the session protocol).
-
-    Generations that share this remote step in one request: the steps that arrive
-    together (`gathering.Gatherer`) go out as one ``POST /v1/steps``, so eight concurrent
-    generations cost one HTTP exchange per token instead of eight. A lone step uses the
-    session's own ``/advance`` route.
-
-    Args:
-        top_k: ask for the top-k only (None: the full distribution).
-        encoding: ``"f32"`` or ``"f16"`` for full distributions.
-        coalesce: send concurrent sessions' steps together (False: one request each).
-        coalesce_window_s: how long a request may wait for the sessions of the last one.
-        **options: ``api_key``, ``timeout_s``, ``retries``, ... as for `HTTPRemote`.
-    """
-
-    def __init__(
-        self,
-        base_url: str,
-        *,
-        top_k: int | None = 20,
-        encoding: Encoding = "f32",
-        coalesce: bool = True,
-        coalesce_window_s: float = 0.005,
-        **options: Any,
-    ) -> None:
-        if top_k is not None and top_k < 1:
-            raise ConfigurationError(f"top_k must be >= 1 or None, got {top_k}")
-        super().__init__(base_url, **options)
-        self.top_k = top_k
-        self.encoding = encoding
-        self._steps: Gatherer[HTTPSession, SessionAdvance, NextTokenLogprobs] = Gatherer(
-            self._send_steps, window_s=coalesce_window_s, enabled=coalesce
-        )
-
-    async def describe(self) -> RemoteInfo:
-        info = _parse(Info, await self._request("GET", "/v1/info"), "/v1/info")
-        return RemoteInfo(
-            info.model, info.vocab_size, info.max_sequence_length, info.tokenizer_fingerprint
-        )
-
-    async def open_session(
-        self, prompt_ids: Sequence[int]
-    ) -> tuple[HTTPSession, NextTokenLogprobs]:
-        body = {"prompt_ids": list(prompt_ids), "top_k": self.top_k, "encoding": self.encoding}
-        # One key for every attempt: a retry after a lost answer gets the session the
-        # first attempt created, not a second one that would linger until it expires.
-        key = {"Idempotency-Key": uuid.uuid4().hex}
-        answer = await self._request("POST", "/v1/sessions", body, headers=key)
-        state = _parse(SessionState, answer, "/v1/sessions")
-        return HTTPSession(self, state.session_id), decode(state.next)
-
-    async def _send_steps(
-        self, items: list[tuple[HTTPSession, SessionAdvance]]
-    ) -> list[NextTokenLogprobs | BaseException]:
-        """One request for all ``items``; a step the server refused fails alone."""
-        if len(items) == 1:
-            session, step = items[0]
-            path = f"/v1/sessions/{session.session_id}/advance"
-            answer = await self._request("POST", path, step.model_dump())
-            state = _parse(SessionState, answer, path)
-            return [_next_after(state, step)]
-        body = StepBatch(
-            steps=[SessionStep(session_id=s.session_id, **step.model_dump()) for s, step in items]
-        )
-        answer = _parse(
-            StepResults, await self._request("POST", "/v1/steps", body.model_dump()), "/v1/steps"
-        )
-        if len(answer.results) != len(items):
-            raise RemoteProtocolError(
-                f"{len(answer.results)} results for {len(items)} steps from {self.base_url}"
-            )
-        outcomes: list[NextTokenLogprobs | BaseException] = []
-        for (_, step), result in zip(items, answer.results, strict=True):
-            try:
-                if result.error is not None:
-                    status = result.error.status
-                    raise _STATUS_ERRORS.get(status, RemoteStatusError)(
-                        f"{status} from {self.base_url}: {result.error.detail}",
-                        status_code=status,
-                    )
-                if result.state is None:
-                    raise RemoteProtocolError("a step result with neither state nor error")
-                outcomes.append(_next_after(result.state, step))
-            except RemoteProtocolError as exc:
-                outcomes.append(exc)
-        return outcomes
-
-
-class HTTPSession:
-    """One generation's session on a `costeer serve` server."""
-
-    def __init__(self, remote: SessionRemote, session_id: str) -> None:
-        self.remote = remote
-        self.session_id = session_id
-
-    async def advance(self, token_id: int, position: int) -> NextTokenLogprobs:
-        step = SessionAdvance(position=position, token_id=token_id)
-        return await self.remote._steps.submit(self, step)
-
-    async def close(self) -> None:
-        self.remote._steps.forget(self)
-        try:
-            await self.remote._request("DELETE", f"/v1/sessions/{self.session_id}")
-        except (RemoteUnavailable, RemoteProtocolError) as exc:  # it expires on its own
-            log.info("remote.close_failed", error=str(exc))
-
-
-def _next_after(state: SessionState, step: SessionAdvance) -> NextTokenLogprobs:
-    if state.position != step.position + 1:
-        raise RemoteProtocolError(
-            f"server holds {state.position} tokens after filling position {step.position}"
-        )
-    return decode(state.next)
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
 
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
-def _parse(kind: type[ModelT], payload: Any, route: str) -> ModelT:
+def parse(kind: type[ModelT], payload: Any, route: str) -> ModelT:
     """``payload`` as a ``kind``; RemoteProtocolError naming ``route`` if it is not one."""
     try:
         return kind.model_validate(payload)

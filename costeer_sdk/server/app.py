@@ -24,12 +24,11 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from costeer_sdk.engine.runtime import LoadedModel
 from costeer_sdk.errors import ConfigurationError, RemoteProtocolError
 from costeer_sdk.logs import get_logger
-from costeer_sdk.openai_api import router as openai_router
-from costeer_sdk.remote import InProcessRemote, InProcessSession
-from costeer_sdk.runtime import LoadedModel
-from costeer_sdk.wire import (
+from costeer_sdk.remotes.in_process import InProcessRemote, InProcessSession
+from costeer_sdk.remotes.wire import (
     Encoding,
     Info,
     SessionAdvance,
@@ -41,7 +40,8 @@ from costeer_sdk.wire import (
     StepResults,
     info_of,
 )
-from costeer_sdk.wire import encode as encode_dist
+from costeer_sdk.remotes.wire import encode as encode_dist
+from costeer_sdk.server.openai_routes import router as openai_router
 
 log = get_logger(__name__)
 
@@ -124,7 +124,8 @@ def create_app(
     the prefill of prompts that start alike (`InProcessRemote`; off by default, since
     reuse is visible in timing to the other clients of a shared server).
     """
-    remote = InProcessRemote(model, prefix_cache_bytes=prefix_cache_bytes)
+    # the session protocol says per session what it wants; None: the full distribution
+    remote = InProcessRemote(model, top_k=None, prefix_cache_bytes=prefix_cache_bytes)
     sessions: dict[str, _Session] = {}
     bearer = HTTPBearer(auto_error=False)
 
@@ -298,7 +299,7 @@ def serve(
     """Load ``model_spec`` and serve it with uvicorn until interrupted."""
     import uvicorn
 
-    from costeer_sdk.loading import load_model
+    from costeer_sdk.engine.loading import load_model
 
     app = create_app(
         load_model(model_spec, dtype=dtype),

@@ -12,10 +12,11 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from costeer_sdk.batching import KVState, StepBatcher
-from costeer_sdk.prefixes import DEFAULT_PREFIX_CACHE_BYTES, PrefixCache, Scope
-from costeer_sdk.readout import NextTokenScores
-from costeer_sdk.runtime import LoadedModel
+from costeer_sdk.engine.batcher import StepBatcher
+from costeer_sdk.engine.kv_cache import KVState
+from costeer_sdk.engine.prefixes import DEFAULT_PREFIX_CACHE_BYTES, PrefixCache, Scope
+from costeer_sdk.engine.readout import NextTokenScores
+from costeer_sdk.engine.runtime import LoadedModel
 
 BranchPair = KVState
 """A generation's two local branches: row 0 with the personal context, row 1 without."""
@@ -50,7 +51,7 @@ class LocalModel:
     @classmethod
     def from_spec(cls, spec: str, **load_options: Any) -> LocalModel:
         """Load from a model spec (Hub id, directory, GGUF file or ``builtin:`` name)."""
-        from costeer_sdk.loading import load_model
+        from costeer_sdk.engine.loading import load_model
 
         return cls(load_model(spec, **load_options))
 

@@ -18,7 +18,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from costeer_sdk.errors import RemoteProtocolError
-from costeer_sdk.remote import NextTokenLogprobs, RemoteInfo
+from costeer_sdk.remotes.base import NextTokenLogprobs, RemoteInfo
 
 Encoding = Literal["f32", "f16"]
 _DTYPES: dict[str, np.dtype[np.floating]] = {"f32": np.dtype("<f4"), "f16": np.dtype("<f2")}

@@ -27,8 +27,9 @@ import httpx
 import torch
 
 from costeer_sdk.errors import ConfigurationError, RemoteProtocolError
-from costeer_sdk.http_remote import HTTPRemote
-from costeer_sdk.remote import NextTokenLogprobs, RemoteInfo
+from costeer_sdk.fusion import DEFAULT_TOP_K
+from costeer_sdk.remotes.base import NextTokenLogprobs, RemoteInfo
+from costeer_sdk.remotes.http import HTTPRemote
 
 Dialect = Literal["completions", "llama.cpp"]
 
@@ -42,7 +43,7 @@ class OpenAICompatibleRemote(HTTPRemote):
         model: str,
         *,
         api_key: str | None = None,
-        top_k: int = 20,
+        top_k: int = DEFAULT_TOP_K,
         dialect: Dialect = "completions",
         timeout_s: float = 60.0,
         retries: int = 3,

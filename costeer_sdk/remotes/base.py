@@ -1,0 +1,77 @@
+"""The cloud side, as the client sees it: the protocol every remote implements.
+
+The protocol is shaped for a network. A session starts from the *public* prompt's
+token ids and is advanced one chosen token at a time; every call returns the next-token
+distribution (full vocabulary or the top-k). Each advance names the position it fills,
+so a retried request is idempotent. Nothing else is ever sent: no personal context, no
+local logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+
+
+@dataclass(frozen=True)
+class NextTokenLogprobs:
+    """The cloud's distribution over the next token.
+
+    Attributes:
+        logprobs: float32 log-probs, ``[vocab]`` (full) or ``[k]`` (top-k).
+        token_ids: ``[k]`` ids of the top-k entries, or None for the full vocabulary.
+    """
+
+    logprobs: torch.Tensor
+    token_ids: torch.Tensor | None = None
+
+    @property
+    def is_top_k(self) -> bool:
+        return self.token_ids is not None
+
+
+@dataclass(frozen=True)
+class RemoteInfo:
+    """What the client checks before steering a remote.
+
+    Attributes:
+        model: the served model's name.
+        vocab_size: width of its logits.
+        max_sequence_length: prompt plus generated tokens it accepts.
+        tokenizer_fingerprint: hash of its vocabulary (`runtime.tokenizer_fingerprint`),
+            or None when the server cannot tell.
+    """
+
+    model: str
+    vocab_size: int
+    max_sequence_length: int
+    tokenizer_fingerprint: str | None
+
+
+@runtime_checkable
+class RemoteSession(Protocol):
+    """One generation's state on the cloud side."""
+
+    async def advance(self, token_id: int, position: int) -> NextTokenLogprobs:
+        """Append ``token_id`` at ``position`` (the number of tokens the session holds)
+        and return the distribution of the token after it. Repeating the last call
+        returns the same answer without appending again."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+@runtime_checkable
+class Remote(Protocol):
+    """A cloud LLM that serves next-token log-probs for a public token prefix."""
+
+    async def describe(self) -> RemoteInfo: ...
+
+    async def open_session(
+        self, prompt_ids: Sequence[int]
+    ) -> tuple[RemoteSession, NextTokenLogprobs]: ...
+
+    async def aclose(self) -> None: ...
