@@ -2,7 +2,9 @@
 
 Loggers are structlog loggers wrapped around the standard library logger of the same
 name, so ``logging.getLogger("costeer_sdk").setLevel(logging.INFO)`` (or the CLI's
-``--verbose``) turns them on, and by default an application sees warnings only. Prompt
+``--verbose``) turns them on. The package logger has a `logging.NullHandler`, as the
+logging guide asks of libraries: nothing prints unless the application configures
+logging (without it, Python's last-resort handler would print warnings to stderr). Prompt
 and context text is logged at DEBUG alone; INFO events carry counts and timings.
 """
 
@@ -12,6 +14,8 @@ import logging
 from typing import Any
 
 import structlog
+
+logging.getLogger("costeer_sdk").addHandler(logging.NullHandler())
 
 _PROCESSORS: list[Any] = [
     structlog.stdlib.filter_by_level,

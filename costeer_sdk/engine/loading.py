@@ -37,6 +37,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 from costeer_sdk.builtins import BUILTIN_MODELS, BuiltinModel
 from costeer_sdk.engine.runtime import LoadedModel
 from costeer_sdk.errors import ConfigurationError, ModelCacheError, ModelNotFoundError
+from costeer_sdk.extras import require
 from costeer_sdk.logs import get_logger
 
 log = get_logger(__name__)
@@ -319,6 +320,8 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     GGUF-loaded models refuse ``save_pretrained``, so the state dict is written with
     safetensors directly (shared tensors once, as transformers' own loader expects).
     """
+    for module in ("gguf", "accelerate"):  # transformers' GGUF reader needs both
+        require(module, "builtin", "loading a GGUF model")
     log.info("model.gguf.convert", file=gguf.name)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(

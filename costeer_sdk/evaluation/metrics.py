@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from costeer_sdk.engine.loading import cache_root
+from costeer_sdk.extras import require
 from costeer_sdk.logs import get_logger
 
 log = get_logger(__name__)
@@ -74,7 +75,7 @@ def uplifting_share(text: str) -> float:
 
 @cache
 def _rouge() -> Any:
-    from rouge_score import rouge_scorer
+    rouge_scorer = require("rouge_score.rouge_scorer", "eval", "costeer eval's ROUGE")
 
     return rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)
 
@@ -87,7 +88,7 @@ def wordnet_dir() -> Path:
 @cache
 def _wordnet() -> Any | None:
     """NLTK's WordNet reader, or None when WordNet is not installed here."""
-    import nltk
+    nltk = require("nltk", "eval", "costeer eval's METEOR")
 
     folder = wordnet_dir()
     if folder.is_dir() and str(folder) not in nltk.data.path:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from costeer_sdk.evaluation.runner import METHODS
+from costeer_sdk.extras import require
 
 METRIC_ORDER = ("rouge1", "rougeL", "meteor", "copy8", "words", "distinct2", "uplifting")
 QUALITY_METRICS = ("rouge1", "rougeL", "meteor")
@@ -153,7 +154,7 @@ def write_report(out: Path, rows: Sequence[dict[str, Any]], title: str) -> list[
 
 
 def _chart(path: Path, table: Sequence[dict[str, Any]], metrics: list[str], title: str) -> None:
-    import matplotlib
+    matplotlib = require("matplotlib", "eval", "costeer eval's chart")
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt

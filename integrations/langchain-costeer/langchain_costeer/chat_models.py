@@ -31,8 +31,8 @@ from langchain_core.utils import secret_from_env
 from pydantic import ConfigDict, Field, SecretStr
 
 from costeer_sdk import Generation, PersonalLLM, SteeringConfig
+from costeer_sdk import background as _loop
 from costeer_sdk.builtins import DEFAULT_CLOUD, DEFAULT_LOCAL
-from langchain_costeer import _loop
 
 RemoteAPI = Literal["costeer", "openai", "llama.cpp"]
 _CALL_OPTIONS = ("user_id", "context", "max_tokens", "temperature", "top_p", "seed")

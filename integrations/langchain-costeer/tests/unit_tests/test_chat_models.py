@@ -21,8 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[4] / "tests"))  # the SD
 from tiny import make_model, make_tokenizer
 
 from costeer_sdk import InProcessRemote, PersonalLLM
+from costeer_sdk import background as _loop
 from costeer_sdk.memory import SQLiteMemoryStore
-from langchain_costeer import ChatCoSteer, _loop
+from langchain_costeer import ChatCoSteer
 
 HISTORY = ["I ran ten miles in my new shoes.", "The grip is good on wet trails."]
 PROMPT = "Write about my shoes."
@@ -47,7 +48,7 @@ def chat(llm: PersonalLLM) -> ChatCoSteer:
 
 def direct(llm: PersonalLLM, **kwargs: Any) -> str:
     """What the SDK itself answers, run on the model's own loop."""
-    from langchain_costeer import _loop
+    from costeer_sdk import background as _loop
 
     return _loop.run(llm.generate(PROMPT, max_new_tokens=12, **kwargs)).text
 
@@ -100,7 +101,7 @@ def test_stop_sequences_cut_the_reply(chat: ChatCoSteer) -> None:
 
 
 def test_conversation_and_system_messages_reach_the_model(chat: ChatCoSteer, llm) -> None:  # type: ignore[no-untyped-def]
-    from langchain_costeer import _loop
+    from costeer_sdk import background as _loop
 
     messages = [
         SystemMessage("Be brief."),
@@ -115,7 +116,7 @@ def test_conversation_and_system_messages_reach_the_model(chat: ChatCoSteer, llm
 
 
 def test_user_id_from_the_memory_store_per_call_and_configurable(chat: ChatCoSteer, llm) -> None:  # type: ignore[no-untyped-def]
-    from langchain_costeer import _loop
+    from costeer_sdk import background as _loop
 
     _loop.run(llm.memory.add("alice", HISTORY))
     from_context = direct(llm, user_id="alice")

@@ -1,16 +1,18 @@
-"""One background event loop that every `ChatCoSteer` call runs on.
+"""One background event loop for synchronous callers: `SyncPersonalLLM` and LangChain's
+`ChatCoSteer` run every call on it.
 
 A `PersonalLLM` holds loop-bound state (its local-model batcher, HTTP connection pools,
-the SQLite store's connection), so all its calls must run on one loop. LangChain calls
-chat models from plain threads (``invoke``, ``batch``) and from arbitrary running loops
-(``ainvoke``); both are forwarded here.
+the SQLite store's connection), so all its calls must run on one loop. Scripts,
+notebooks and LangChain call from plain threads (``invoke``, ``batch``) and from
+arbitrary running loops (``ainvoke``); both are forwarded here, to a daemon thread
+started on first use.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Awaitable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Awaitable, Coroutine, Generator
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -50,7 +52,7 @@ def _close(iterator: AsyncIterator[Any]) -> Awaitable[None]:
     return iterator.aclose()  # type: ignore[attr-defined]
 
 
-def iterate(iterator: AsyncIterator[T]) -> Iterator[T]:
+def iterate(iterator: AsyncIterator[T]) -> Generator[T, None, None]:
     """A sync iterator over an async iterator that lives on the shared loop."""
     try:
         while True:

@@ -1,0 +1,165 @@
+"""`SyncPersonalLLM`: `PersonalLLM` for scripts and notebooks, as openai-python pairs
+`OpenAI` with `AsyncOpenAI`.
+
+One `PersonalLLM` runs on the shared background loop (`background`); every method here
+hands its call to that loop and waits. So the object is safe to use from several
+threads at once, and concurrent calls still share forward passes and requests, as they
+would in one asyncio program.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from types import TracebackType
+from typing import Any
+
+from costeer_sdk import background
+from costeer_sdk.client import PersonalLLM
+from costeer_sdk.context import Prompt
+from costeer_sdk.fusion import SteeringConfig
+from costeer_sdk.results import Generation
+from costeer_sdk.stream import GenerationStream
+
+__all__ = ["SyncGenerationStream", "SyncPersonalLLM"]
+
+
+class SyncGenerationStream:
+    """The text pieces of one generation (``for piece in stream``), then its `Generation`
+    in ``generation``. ``with llm.stream(...) as stream:`` ends the generation and frees
+    its remote session as soon as the block is left."""
+
+    def __init__(self, stream: GenerationStream) -> None:
+        self._stream = stream
+        self._pieces = background.iterate(stream)
+
+    def __iter__(self) -> Iterator[str]:
+        return self._pieces
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def close(self) -> None:
+        self._pieces.close()  # closes the stream on the loop, if it was started
+        background.run(self._stream.aclose())
+
+    def __enter__(self) -> SyncGenerationStream:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @property
+    def generation(self) -> Generation | None:
+        """As `GenerationStream.generation`: the finished generation, the partial one
+        after an error or early close, None while it runs."""
+        return self._stream.generation
+
+
+class SyncPersonalLLM:
+    """The synchronous twin of `PersonalLLM`: the same constructor arguments, methods
+    that block until their answer.
+
+    ```python
+    with SyncPersonalLLM.from_defaults() as llm:
+        print(llm.generate("Review my new shoes", context=history).text)
+        with llm.stream("...", context=history) as stream:
+            for piece in stream:
+                print(piece, end="")
+    ```
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.async_client = kwargs.pop("async_client", None) or PersonalLLM(*args, **kwargs)
+
+    @classmethod
+    def from_async(cls, llm: PersonalLLM) -> SyncPersonalLLM:
+        """Wrap an existing `PersonalLLM`; it then runs on the background loop, so do not
+        also use it from another event loop."""
+        return cls(async_client=llm)
+
+    @classmethod
+    def from_models(cls, *args: Any, **kwargs: Any) -> SyncPersonalLLM:
+        """`PersonalLLM.from_models`: both models loaded into this process."""
+        return cls(async_client=PersonalLLM.from_models(*args, **kwargs))
+
+    @classmethod
+    def from_defaults(cls, **options: Any) -> SyncPersonalLLM:
+        """`PersonalLLM.from_defaults`: the embedded default pair."""
+        return cls(async_client=PersonalLLM.from_defaults(**options))
+
+    def generate(
+        self,
+        prompt: Prompt,
+        *,
+        context: Sequence[str] | None = None,
+        user_id: str | None = None,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: Sequence[str] | str = (),
+        steering: SteeringConfig | None = None,
+    ) -> Generation:
+        """`PersonalLLM.generate`, blocking."""
+        return background.run(
+            self.async_client.generate(
+                prompt,
+                context=context,
+                user_id=user_id,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                seed=seed,
+                stop=stop,
+                steering=steering,
+            )
+        )
+
+    def stream(
+        self,
+        prompt: Prompt,
+        *,
+        context: Sequence[str] | None = None,
+        user_id: str | None = None,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: Sequence[str] | str = (),
+        steering: SteeringConfig | None = None,
+    ) -> SyncGenerationStream:
+        """`PersonalLLM.stream`, as a plain iterator."""
+        return SyncGenerationStream(
+            self.async_client.stream(
+                prompt,
+                context=context,
+                user_id=user_id,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                seed=seed,
+                stop=stop,
+                steering=steering,
+            )
+        )
+
+    def close(self) -> None:
+        """`PersonalLLM.aclose`: ends running generations, closes what it created."""
+        background.run(self.async_client.aclose())
+
+    def __enter__(self) -> SyncPersonalLLM:
+        background.run(self.async_client.__aenter__())
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

@@ -1,0 +1,73 @@
+"""The package's shape: a network remote imports no engine, a missing extra is one clear
+error, the library prints nothing unless the app configures logging."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+
+def python(code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize(
+    "module", ["costeer_sdk.remotes.session_http", "costeer_sdk.remotes.openai"]
+)
+def test_a_network_remote_imports_no_engine_server_or_extra(module: str) -> None:
+    done = python(
+        f"import sys, {module}\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('costeer_sdk.engine',"
+        " 'costeer_sdk.server', 'costeer_sdk.client', 'fastapi', 'uvicorn', 'gguf',"
+        " 'transformers'))))"
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_the_root_names_load_on_first_use() -> None:
+    done = python(
+        "import sys, costeer_sdk\n"
+        "assert 'costeer_sdk.engine.batcher' not in sys.modules\n"
+        "assert costeer_sdk.SessionRemote.__module__ == 'costeer_sdk.remotes.session_http'\n"
+        "assert costeer_sdk.PersonalLLM.__module__ == 'costeer_sdk.client'\n"
+        "assert 'costeer_sdk.engine.batcher' in sys.modules\n"
+        "assert set(costeer_sdk.__all__) <= set(dir(costeer_sdk))\n"
+        "for name in costeer_sdk.__all__: getattr(costeer_sdk, name)\n"
+        "assert not hasattr(costeer_sdk, 'fuse_iterative')"
+    )
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize(
+    ("blocked", "code", "extra"),
+    [
+        ("fastapi", "import costeer_sdk.server.app", "serve"),
+        (
+            "gguf",
+            "from costeer_sdk.engine.loading import _convert_gguf as c; c(None, None)",
+            "builtin",
+        ),
+        ("rouge_score", "from costeer_sdk.evaluation.metrics import _rouge as r; r()", "eval"),
+    ],
+)
+def test_a_missing_extra_is_named(blocked: str, code: str, extra: str) -> None:
+    done = python(
+        f"import sys; sys.modules[{blocked!r}] = None\n"
+        "from costeer_sdk.extras import MissingExtraError\n"
+        f"try:\n    {code}\nexcept MissingExtraError as exc:\n    print(exc)"
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"pip install 'costeer-sdk[{extra}]'" in done.stdout
+
+
+def test_library_warnings_print_nothing_unless_logging_is_configured() -> None:
+    code = (
+        "from costeer_sdk.logs import get_logger\n"
+        "get_logger('costeer_sdk.client').warning('generate.interrupted', tokens=3)\n"
+    )
+    assert python(code).stderr == ""
+    configured = python("import logging; logging.basicConfig()\n" + code)
+    assert "generate.interrupted" in configured.stderr
