@@ -15,21 +15,11 @@ import click
 
 from costeer_sdk.builtins import DEFAULT_CLOUD, DEFAULT_LOCAL
 from costeer_sdk.cli_options import DTYPE
+from costeer_sdk.demo import demo_command
 from costeer_sdk.evaluation.command import eval_command
-from costeer_sdk.fusion import SteeringConfig
 from costeer_sdk.memory import SQLiteMemoryStore
 
 T = TypeVar("T")
-
-DEMO_PROMPT = "Write a short review of my new running shoes, the Nike Pegasus 40, after 50 miles."
-DEMO_HISTORY = Path(__file__).resolve().parent.parent / "examples" / "data" / "alice_reviews.jsonl"
-
-
-def _read_history(path: Path) -> list[str]:
-    """Texts of a records JSONL file (``{"text": ...}`` or a bare string per line)."""
-    from costeer_sdk.memory.transfer import read_jsonl
-
-    return [item["text"] if isinstance(item, dict) else str(item) for _, item in read_jsonl(path)]
 
 
 def side_by_side(left_title: str, left: str, right_title: str, right: str) -> str:
@@ -51,62 +41,6 @@ def side_by_side(left_title: str, left: str, right_title: str, right: str) -> st
 def main(verbose: bool) -> None:
     """costeer: personalize a cloud LLM with a local model, token by token."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
-
-
-@main.command()
-@click.option("--cloud", default=DEFAULT_CLOUD, show_default=True, help="Cloud model spec.")
-@click.option(
-    "--local", "local_", default=DEFAULT_LOCAL, show_default=True, help="Local model spec."
-)
-@click.option("--prompt", default=DEMO_PROMPT, show_default=True)
-@click.option(
-    "--history",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=DEMO_HISTORY,
-    show_default=True,
-    help="JSONL of the user's past writing ({'text': ...} per line), oldest first.",
-)
-@click.option("--max-new-tokens", default=96, show_default=True)
-@click.option("--beta", default=SteeringConfig.beta, show_default=True, help="Steering strength.")
-@DTYPE
-def demo(
-    cloud: str,
-    local_: str,
-    prompt: str,
-    history: Path,
-    max_new_tokens: int,
-    beta: float,
-    dtype: str,
-) -> None:
-    """Print the cloud-only answer and the CoSteer answer side by side."""
-    from costeer_sdk.client import PersonalLLM
-
-    records = _read_history(history)
-
-    async def run() -> None:
-        steering = SteeringConfig(beta=beta)
-        async with PersonalLLM.from_models(cloud, local_, steering, dtype=dtype) as llm:
-            click.echo(
-                f"\nPrompt: {prompt}\nPrivate history: {len(records)} records from {history}\n"
-            )
-            plain = await llm.generate(prompt, max_new_tokens=max_new_tokens)
-            steered = await llm.generate(prompt, context=records, max_new_tokens=max_new_tokens)
-        click.echo(
-            side_by_side(
-                "Cloud only (no personal context)",
-                plain.text,
-                "CoSteer (steered by local history)",
-                steered.text,
-            )
-        )
-        for name, out in (("cloud-only", plain), ("costeer", steered)):
-            s = out.stats
-            click.echo(
-                f"\n{name}: {s.steps} tokens in {s.elapsed_s:.1f}s ({s.tokens_per_s:.2f} tok/s), "
-                f"finish={out.finish_reason}"
-            )
-
-    asyncio.run(run())
 
 
 @main.command()
@@ -289,6 +223,7 @@ def memory_export(db: Path, user: str, out: TextIO) -> None:
     click.echo(f"exported {count} records", err=True)
 
 
+main.add_command(demo_command)
 main.add_command(eval_command)
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 import pytest_asyncio
@@ -13,10 +12,10 @@ import torch
 
 from costeer_sdk import PersonalLLM
 from costeer_sdk.context import PromptBuilder
+from costeer_sdk.data import demo_history
 
 pytestmark = pytest.mark.real_models
 
-HISTORY_FILE = Path(__file__).parent.parent / "examples" / "data" / "alice_reviews.jsonl"
 PROMPT = "Write a short review of my new running shoes, the Nike Pegasus 40, after 50 miles."
 
 
@@ -28,7 +27,8 @@ async def real_llm() -> AsyncIterator[PersonalLLM]:
 
 
 def history() -> list[str]:
-    return [json.loads(line)["text"] for line in HISTORY_FILE.read_text().splitlines() if line]
+    with demo_history() as path:
+        return [json.loads(line)["text"] for line in path.read_text().splitlines() if line]
 
 
 def mean_logprob(llm: PersonalLLM, prompt_ids: list[int], answer_ids: list[int]) -> float:
