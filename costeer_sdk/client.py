@@ -1,13 +1,15 @@
-"""`PersonalLLM`: the one entry point applications use."""
+"""`PersonalLLM`: the one entry point applications use.
+
+Longer than most modules for its docstrings: the entry class documents every argument
+where users read it. The work itself lives elsewhere: the run loop in `generation`,
+closing in `lifecycle`, the per-token schedule in `scheduler`.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import time
 from collections.abc import AsyncGenerator, Sequence
 from types import TracebackType
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 
@@ -18,14 +20,12 @@ from costeer_sdk.engine.local import LocalModel
 from costeer_sdk.engine.prefixes import DEFAULT_PREFIX_CACHE_BYTES
 from costeer_sdk.engine.runtime import LoadedModel
 from costeer_sdk.errors import (
-    ClientClosedError,
     ConfigurationError,
-    GenerationInterrupted,
-    RemoteError,
     TokenizerMismatchError,
 )
 from costeer_sdk.fusion import DEFAULT_TOP_K, SteeringConfig
-from costeer_sdk.generation import Progress, Request
+from costeer_sdk.generation import Progress, Request, emit
+from costeer_sdk.lifecycle import Lifecycle
 from costeer_sdk.logs import get_logger
 from costeer_sdk.memory.base import MemoryStore
 from costeer_sdk.memory.personal import personal_context
@@ -106,10 +106,7 @@ class PersonalLLM:
             raise ConfigurationError(f"prefill_bucket_s must be >= 0, got {prefill_bucket_s}")
         self.prefix_scope = prefix_scope
         self.prefill_bucket_s = prefill_bucket_s
-        self._closed = False
-        self._closing: asyncio.Future[None] | None = None  # done once aclose() begins
-        self._running = 0
-        self._idle: asyncio.Event | None = None
+        self._lifecycle = Lifecycle()
         self.remote = remote
         self.local = local
         self.memory = memory
@@ -267,10 +264,7 @@ class PersonalLLM:
         return GenerationStream(self._stream(request, user_id), request)
 
     async def _stream(self, request: Request, user_id: str | None) -> AsyncGenerator[str, None]:
-        if self._closed:
-            raise ClientClosedError("the client was closed", partial_text="", token_ids=[])
-        self._running += 1
-        try:
+        with self._lifecycle.running():
             request.context = await self._context(request.prompt, request.context, user_id)
             run = self._run(request)
             try:
@@ -278,10 +272,6 @@ class PersonalLLM:
                     yield piece
             finally:
                 await run.aclose()  # at once, not when the garbage collector finds it
-        finally:
-            self._running -= 1
-            if self._running == 0 and self._idle is not None:
-                self._idle.set()
 
     async def _context(
         self, prompt: Prompt, context: Sequence[str] | None, user_id: str | None
@@ -357,86 +347,12 @@ class PersonalLLM:
             scope=request.scope,
             prefill_bucket_s=self.prefill_bucket_s,
         )
-        text = run.text
+        pieces = emit(tokens, run, local.eos_token_ids, self._lifecycle.next_token)
         try:
-            while True:
-                try:
-                    token = await self._next_token(tokens)
-                except StopAsyncIteration:
-                    break
-                if run.first_token_at is None:
-                    run.first_token_at = time.perf_counter()
-                if token in local.eos_token_ids:
-                    run.finish, run.at_eos = "stop", True
-                    break
-                piece = text.push(token)
-                if piece:
-                    yield piece
-                if text.stopped:
-                    run.finish = "stop"
-                    break
-        except GeneratorExit:  # the caller closed the stream early
-            request.result = run.result("interrupted")
-            raise
-        except ClientClosedError:
-            request.result = run.result("interrupted")
-            log.info("generate.closed", tokens=len(text.token_ids))
-            raise ClientClosedError(
-                f"the client was closed after {len(text.token_ids)} tokens",
-                partial_text=text.text,
-                token_ids=text.token_ids,
-            ) from None
-        except Exception as exc:
-            request.result = run.result("interrupted")
-            log.warning("generate.interrupted", tokens=len(text.token_ids), error=repr(exc))
-            if not text.token_ids and isinstance(exc, RemoteError):
-                raise  # opening failed: nothing to keep, the remote's own typed error
-            raise GenerationInterrupted(
-                f"generation interrupted after {len(text.token_ids)} tokens: {exc}",
-                partial_text=text.text,
-                token_ids=text.token_ids,
-            ) from exc
+            async for piece in pieces:
+                yield piece
         finally:
-            await tokens.aclose()
-        rest = text.flush()
-        if rest:
-            yield rest
-        request.result = run.result(run.finish)
-        stats = request.result.stats
-        log.info(
-            "generate.done",
-            steps=stats.steps,
-            finish_reason=run.finish,
-            elapsed_s=round(stats.elapsed_s, 3),
-            tokens_per_s=round(stats.tokens_per_s, 2),
-        )
-        log.debug("generate.text", text=text.text)
-
-    async def _next_token(self, tokens: AsyncGenerator[int, None]) -> int:
-        """The next token, unless `aclose` begins first: then the step is cancelled
-        (its passes and requests with it) and ClientClosedError raised."""
-        closing = self._closing_future()
-        if closing.done():
-            raise ClientClosedError("the client was closed", partial_text="", token_ids=[])
-        step = asyncio.ensure_future(anext(tokens))
-        either: list[asyncio.Future[Any]] = [step, closing]
-        try:
-            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            if not step.done():
-                step.cancel()
-                with contextlib.suppress(BaseException):
-                    await step
-        if step.cancelled():
-            raise ClientClosedError("the client was closed", partial_text="", token_ids=[])
-        return step.result()
-
-    def _closing_future(self) -> asyncio.Future[None]:
-        if self._closing is None:
-            self._closing = asyncio.get_running_loop().create_future()
-            if self._closed:
-                self._closing.set_result(None)
-        return self._closing
+            await pieces.aclose()  # an early close reaches the session at once
 
     async def aclose(self, *, timeout_s: float = 10.0) -> None:
         """End the generations still running (each raises `ClientClosedError`, keeping
@@ -446,13 +362,7 @@ class PersonalLLM:
         given open: close it yourself (``await remote.aclose()``).
 
         ``timeout_s`` bounds the wait for the running generations to wind down."""
-        self._closed = True
-        if self._closing is not None and not self._closing.done():
-            self._closing.set_result(None)
-        if self._running:
-            self._idle = asyncio.Event()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._idle.wait(), timeout_s)
+        await self._lifecycle.close(timeout_s)
         if self._owns_remote:
             await self.remote.aclose()
         for model in self._owned:

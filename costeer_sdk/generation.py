@@ -4,16 +4,20 @@ and builds the `Generation` from, finished or not."""
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from costeer_sdk.context import Prompt, Prompts
 from costeer_sdk.decoding import SamplingParams, TextAssembler
+from costeer_sdk.errors import ClientClosedError, GenerationInterrupted, RemoteError
 from costeer_sdk.fusion import SteeringConfig, steering_weight
+from costeer_sdk.logs import get_logger
 from costeer_sdk.results import FinishReason, Generation, GenerationStats
 from costeer_sdk.scheduler import StepClock
 
-__all__ = ["Progress", "Request"]
+__all__ = ["Progress", "Request", "emit"]
+
+log = get_logger(__name__)
 
 
 @dataclass
@@ -62,3 +66,73 @@ class Progress:
         )
         text = self.text
         return Generation(text.text, list(text.token_ids), finish, self.steered, stats)
+
+
+async def emit(
+    tokens: AsyncGenerator[int, None],
+    run: Progress,
+    eos_ids: frozenset[int],
+    next_token: Callable[[AsyncGenerator[int, None]], Awaitable[int]],
+) -> AsyncGenerator[str, None]:
+    """The text of ``tokens`` as it is decided, up to EOS, a stop string or the end;
+    ``run.request.result`` is set however it ends (partial on an error or early close).
+
+    Raises:
+        ClientClosedError: the client closed (``next_token`` raised it).
+        GenerationInterrupted: the remote or a local pass failed after some tokens.
+        RemoteError: the remote failed before the first token (nothing to keep).
+    """
+    request, text = run.request, run.text
+    try:
+        while True:
+            try:
+                token = await next_token(tokens)
+            except StopAsyncIteration:
+                break
+            if run.first_token_at is None:
+                run.first_token_at = time.perf_counter()
+            if token in eos_ids:
+                run.finish, run.at_eos = "stop", True
+                break
+            piece = text.push(token)
+            if piece:
+                yield piece
+            if text.stopped:
+                run.finish = "stop"
+                break
+    except GeneratorExit:  # the caller closed the stream early
+        request.result = run.result("interrupted")
+        raise
+    except ClientClosedError:
+        request.result = run.result("interrupted")
+        log.info("generate.closed", tokens=len(text.token_ids))
+        raise ClientClosedError(
+            f"the client was closed after {len(text.token_ids)} tokens",
+            partial_text=text.text,
+            token_ids=text.token_ids,
+        ) from None
+    except Exception as exc:
+        request.result = run.result("interrupted")
+        log.warning("generate.interrupted", tokens=len(text.token_ids), error=repr(exc))
+        if not text.token_ids and isinstance(exc, RemoteError):
+            raise  # opening failed: nothing to keep, the remote's own typed error
+        raise GenerationInterrupted(
+            f"generation interrupted after {len(text.token_ids)} tokens: {exc}",
+            partial_text=text.text,
+            token_ids=text.token_ids,
+        ) from exc
+    finally:
+        await tokens.aclose()
+    rest = text.flush()
+    if rest:
+        yield rest
+    request.result = run.result(run.finish)
+    stats = request.result.stats
+    log.info(
+        "generate.done",
+        steps=stats.steps,
+        finish_reason=run.finish,
+        elapsed_s=round(stats.elapsed_s, 3),
+        tokens_per_s=round(stats.tokens_per_s, 2),
+    )
+    log.debug("generate.text", text=text.text)

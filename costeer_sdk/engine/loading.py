@@ -12,6 +12,9 @@ GGUF weights are dequantized by transformers, which takes about a minute per mod
 a laptop CPU. The result is cached under the user's cache dir (override with
 ``COSTEER_CACHE_DIR``) as plain safetensors with a manifest of SHA-256 sums, so the
 next load is seconds, and a cache whose files changed is rebuilt instead of loaded.
+
+Over 300 lines: resolving specs and the conversion cache share one cache layout
+(manifest, checksums, lock); splitting them would spread that layout over two modules.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Both branches advance by the same chosen token each step, so they are kept as one
 left-padded batch of two rows and computed in a single forward pass; the steps of
-concurrent generations are batched into shared passes too (`batching.StepBatcher`).
+concurrent generations are batched into shared passes too (`engine.batcher.StepBatcher`).
 """
 
 from __future__ import annotations

@@ -4,6 +4,9 @@ WAL journal (readers never block the writer), one transaction per call, schema
 migrations numbered by ``PRAGMA user_version``, and full-text retrieval with SQLite's
 FTS5 ranked by BM25. User text reaches SQL only as bound parameters, and a search
 query reaches FTS5 only as a list of quoted terms, so neither can change a statement.
+
+Over 300 lines: the SQLite store and its in-memory twin share one schema and one set
+of queries, and keeping them together keeps them the same.
 """
 
 from __future__ import annotations

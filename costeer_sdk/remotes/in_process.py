@@ -20,7 +20,7 @@ from costeer_sdk.remotes.base import NextTokenLogprobs, RemoteInfo
 class InProcessRemote:
     """Serves a transformers model in this process: the embedded default cloud side.
 
-    Steps of concurrent sessions share forward passes (`batching.StepBatcher`), so
+    Steps of concurrent sessions share forward passes (`engine.batcher.StepBatcher`), so
     `costeer serve` answers many clients at once for little more than one.
 
     Args:

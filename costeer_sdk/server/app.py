@@ -7,6 +7,9 @@ appending twice. A client running several generations may send all their steps i
 request (``POST /v1/steps``). Sessions expire after ``session_ttl_s`` idle and are capped at
 ``max_sessions`` (429 past the cap). With ``api_key`` set, every route but ``/health``
 needs ``Authorization: Bearer <key>``.
+
+Over 300 lines: its routes share one session table, its cap, its expiry and the
+idempotency keys, which are closures of `create_app`.
 """
 
 from __future__ import annotations

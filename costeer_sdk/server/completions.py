@@ -2,7 +2,7 @@
 
 A completion is a session that the server drives itself: opened from the prompt's ids
 on the same `InProcessRemote`, advanced by each token it chooses, closed when it ends.
-So its steps are KV-cached and go through the same `batching.StepBatcher` as the
+So its steps are KV-cached and go through the same `engine.batcher.StepBatcher` as the
 clients' sessions: they share forward passes with them and with other completions, and a
 long completion takes one short pass per token rather than holding the model's worker,
 so other clients' steps run between its tokens. It ends at one of the model's EOS ids or
