@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from costeer_sdk.detokenize import REPLACEMENT, IncrementalDetokenizer
 from costeer_sdk.errors import ConfigurationError
 
 GREEDY_BELOW = 1e-4
@@ -73,6 +74,13 @@ class TextAssembler:
     Text is held back while it could still turn into a stop string, or while the last
     token ends inside a multi-byte character, so a stream never shows text that the
     finished generation does not contain.
+
+    The text is that of ``tokenizer.decode(token_ids, skip_special_tokens=True)``, built
+    a token at a time (`IncrementalDetokenizer`), and stop strings are looked for only
+    where the latest token can have completed one, so a token costs the same at the
+    4000th as at the first. Only the text near its end is kept as one string (``_view``:
+    what is not yet released, and the longest stop's length before it); the rest is
+    joined when ``.text`` is read.
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: Sequence[str] = ()) -> None:
@@ -83,41 +91,72 @@ class TextAssembler:
         self.tokenizer = tokenizer
         self.stop = tuple(stop)
         self.token_ids: list[int] = []
-        self.text = ""
         self.stopped = False
+        self._detokenizer = IncrementalDetokenizer(tokenizer, skip_special_tokens=True)
+        self._longest = max((len(s) for s in self.stop), default=0)
+        # Every proper prefix of a stop string, longest first: text ending in one is held.
+        self._prefixes = tuple(
+            sorted({s[:k] for s in self.stop for k in range(1, len(s))}, key=len, reverse=True)
+        )
+        self._final: list[str] = []  # the final text, in pieces
+        self._final_length = 0
+        self._view = ""  # the final text from `_view_at` on
+        self._view_at = 0
+        self._cut: int | None = None  # where a stop string begins
         self._released = 0
 
-    def _decode(self) -> str:
-        text = self.tokenizer.decode(
-            self.token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
-        )
-        return str(text)
+    @property
+    def text(self) -> str:
+        """The text so far: all ids decoded, cut before a stop string once one appears."""
+        if len(self._final) > 1:
+            self._final = ["".join(self._final)]
+        full = (self._final[0] if self._final else "") + self._detokenizer.pending
+        return full if self._cut is None else full[: self._cut]
 
     def push(self, token_id: int) -> str:
         """Add a token; return the newly final text (maybe empty). Sets `stopped` when a
         stop string appears, cutting the text just before it."""
         self.token_ids.append(token_id)
-        full = self._decode()
-        cut = min((i for i in (full.find(s) for s in self.stop) if i >= 0), default=-1)
-        if cut >= 0:
-            self.stopped = True
-            self.text = full[:cut]
-            return self._release(len(self.text))
-        self.text = full
-        safe = len(full.rstrip("\ufffd"))
-        held = max(
-            (k for s in self.stop for k in range(1, len(s)) if full[:safe].endswith(s[:k])),
-            default=0,
-        )
-        return self._release(safe - held)
+        before = self._final_length
+        final = self._detokenizer.push(token_id)
+        if final:
+            self._final.append(final)
+            self._final_length += len(final)
+            self._view += final
+        view = self._view + self._detokenizer.pending
+        if self.stop:
+            # Text before `before` was in the last token's text too: a stop string
+            # wholly inside it would have been found then.
+            since = max(before - self._longest + 1 - self._view_at, 0)
+            found = [i for i in (view.find(s, since) for s in self.stop) if i >= 0]
+            if found:
+                self.stopped = True
+                self._cut = self._view_at + min(found)
+                return self._release(view, self._cut)
+        safe = len(view.rstrip(REPLACEMENT))
+        held = 0
+        if self._prefixes and view.endswith(self._prefixes, 0, safe):
+            held = next(len(p) for p in self._prefixes if view.endswith(p, 0, safe))
+        piece = self._release(view, self._view_at + safe - held)
+        self._forget()
+        return piece
 
     def flush(self) -> str:
         """Release everything left (the generation ended without a stop string)."""
-        return self._release(len(self.text))
+        view = self._view + self._detokenizer.pending
+        end = self._view_at + len(view) if self._cut is None else self._cut
+        return self._release(view, end)
 
-    def _release(self, end: int) -> str:
+    def _release(self, view: str, end: int) -> str:
         if end <= self._released:
             return ""
-        piece = self.text[self._released : end]
+        piece = view[self._released - self._view_at : end - self._view_at]
         self._released = end
         return piece
+
+    def _forget(self) -> None:
+        """Drop from the view the final text that no stop string or hold can reach."""
+        keep_from = max(min(self._released, self._final_length) - self._longest, 0)
+        if keep_from > self._view_at:
+            self._view = self._view[keep_from - self._view_at :]
+            self._view_at = keep_from
