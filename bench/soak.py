@@ -511,6 +511,7 @@ async def _faulty_run(
         kill.cancel()
         sampler.cancel()
         await llm.aclose()
+        await tracked.aclose()  # ours to close: PersonalLLM closes only what it created
     report.not_started = config.generations - next_case
     report.requests_sent = counting.sent
 

@@ -101,6 +101,7 @@ async def steer(
             clock.local(local.open(prompts.private_ids, prompts.public_ids, scope))
         )
     session: RemoteSession | None = None
+    masked = prefill_bucket_s <= 0  # whether the cloud has waited out the bucket yet
     try:
         await asyncio.wait([f for f in (remote_open, local_open) if f is not None])
         if _succeeded(remote_open):
@@ -115,8 +116,9 @@ async def steer(
             yield token
             if step == max_new_tokens - 1:
                 return
-            if step == 0 and prefill_bucket_s > 0:
+            if not masked:
                 await _wait_for_bucket(opened_at, prefill_bucket_s)
+                masked = True
             remote_step = clock.remote(session.advance(token, position))
             if branches is None or local is None:
                 cloud = await remote_step
@@ -143,11 +145,17 @@ async def steer(
     finally:
         if local is not None and local_open is not None and _succeeded(local_open):
             local.release(local_open.result()[0])
-        for opening in (remote_open, local_open):
-            if opening is not None and not opening.done():
-                opening.cancel()
+        if local_open is not None and not local_open.done():
+            local_open.cancel()
+        if not remote_open.done():
+            # Cancelling would drop only our side: a server may still create the session
+            # (`costeer serve` finishes a create whose client left). Let it open, then close it.
+            remote_open.add_done_callback(_close_when_opened)
         if session is not None:
-            await asyncio.shield(session.close())
+            if masked:
+                await asyncio.shield(session.close())
+            else:  # closing now would time the private prefill as a first step would
+                _in_background(_close_after_bucket(session, opened_at, prefill_bucket_s))
 
 
 REMOTE_HEAD_START_TURNS = 8
@@ -164,6 +172,26 @@ async def _give_turns(task: asyncio.Future[Any]) -> None:
         if task.done():
             return
         await asyncio.sleep(0)
+
+
+_BACKGROUND: set[asyncio.Future[Any]] = set()
+"""Closes still under way after their generation ended (kept so they are not collected)."""
+
+
+def _in_background(call: Awaitable[Any]) -> None:
+    task = asyncio.ensure_future(call)
+    _BACKGROUND.add(task)
+    task.add_done_callback(_BACKGROUND.discard)
+
+
+def _close_when_opened(opening: asyncio.Future[tuple[RemoteSession, NextTokenLogprobs]]) -> None:
+    if _succeeded(opening):
+        _in_background(opening.result()[0].close())
+
+
+async def _close_after_bucket(session: RemoteSession, since: float, bucket_s: float) -> None:
+    await _wait_for_bucket(since, bucket_s)
+    await session.close()
 
 
 async def _wait_for_bucket(since: float, bucket_s: float) -> None:

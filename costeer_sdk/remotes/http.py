@@ -118,18 +118,28 @@ class HTTPRemote:
         return float(wait_exponential(multiplier=self.backoff_s, max=2.0)(state))
 
     async def _call(
-        self, method: str, path: str, json: Any = None, headers: dict[str, str] | None = None
+        self,
+        method: str,
+        path: str,
+        json: Any = None,
+        headers: dict[str, str] | None = None,
+        *,
+        retries: int | None = None,
+        timeout_s: float | None = None,
     ) -> Any:
         response: httpx.Response | None = None
+        timeout: Any = timeout_s if timeout_s is not None else httpx.USE_CLIENT_DEFAULT
         async for attempt in AsyncRetrying(
-            stop=stop_after_attempt(self.retries + 1),
+            stop=stop_after_attempt((self.retries if retries is None else retries) + 1),
             wait=self._wait,
             retry=retry_if_exception_type(_Retryable),
             reraise=True,
         ):
             with attempt:
                 try:
-                    response = await self._client.request(method, path, json=json, headers=headers)
+                    response = await self._client.request(
+                        method, path, json=json, headers=headers, timeout=timeout
+                    )
                 except (httpx.TimeoutException, httpx.TransportError) as exc:
                     log.info("remote.retry", path=path, error=type(exc).__name__)
                     raise _Retryable(f"{type(exc).__name__}: {exc}") from exc
@@ -169,10 +179,17 @@ class HTTPRemote:
             raise RemoteProtocolError(f"{self.base_url} answered with invalid JSON") from exc
 
     async def _request(
-        self, method: str, path: str, json: Any = None, headers: dict[str, str] | None = None
+        self,
+        method: str,
+        path: str,
+        json: Any = None,
+        headers: dict[str, str] | None = None,
+        **limits: Any,
     ) -> Any:
+        """One call with retries; ``limits`` (``retries``, ``timeout_s``) override the
+        remote's own for calls that must end quickly, such as closing."""
         try:
-            return await self._call(method, path, json, headers)
+            return await self._call(method, path, json, headers, **limits)
         except _Retryable as exc:
             if exc.final is not None:
                 raise exc.final from exc

@@ -7,8 +7,9 @@ fills. Steps of generations sharing this remote that arrive together go out as o
 
 from __future__ import annotations
 
+import asyncio
 import uuid
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from costeer_sdk.errors import (
@@ -34,6 +35,12 @@ from costeer_sdk.remotes.wire import (
 )
 
 log = get_logger(__name__)
+
+_KEY = "Idempotency-Key"
+
+CLOSE_LIMITS: dict[str, Any] = {"retries": 0, "timeout_s": 2.0}
+"""Closing a session must not hold up the end of a generation (or `PersonalLLM.aclose`)
+behind retries: one short attempt; if it fails, the full retries go on in the background."""
 
 
 class SessionRemote(HTTPRemote):
@@ -67,6 +74,7 @@ class SessionRemote(HTTPRemote):
         super().__init__(base_url, **options)
         self.top_k = top_k
         self.encoding = encoding
+        self._closing: set[asyncio.Future[None]] = set()
         self._steps: Gatherer[HTTPSession, SessionAdvance, NextTokenLogprobs] = Gatherer(
             self._send_steps, window_s=coalesce_window_s, enabled=coalesce
         )
@@ -83,10 +91,35 @@ class SessionRemote(HTTPRemote):
         body = {"prompt_ids": list(prompt_ids), "top_k": self.top_k, "encoding": self.encoding}
         # One key for every attempt: a retry after a lost answer gets the session the
         # first attempt created, not a second one that would linger until it expires.
-        key = {"Idempotency-Key": uuid.uuid4().hex}
-        answer = await self._request("POST", "/v1/sessions", body, headers=key)
+        key = uuid.uuid4().hex
+        try:
+            answer = await self._request("POST", "/v1/sessions", body, headers={_KEY: key})
+        except BaseException:
+            # The server may have created it anyway (an answer lost, a cancelled call):
+            # ask it to drop whatever that key created, without holding up the caller.
+            self._in_background(self._delete(f"/v1/sessions/by-key/{key}"))
+            raise
         state = parse(SessionState, answer, "/v1/sessions")
         return HTTPSession(self, state.session_id), decode(state.next)
+
+    async def _delete(self, path: str) -> None:
+        """A DELETE with the remote's full retries, run in the background."""
+        try:
+            await self._request("DELETE", path)
+        except (RemoteUnavailable, RemoteProtocolError, RuntimeError) as exc:
+            log.info("remote.close_failed", error=str(exc))  # it expires on its own
+
+    def _in_background(self, call: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(call)
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def aclose(self) -> None:
+        """Finish the closes still retrying in the background (for at most one request
+        timeout), then close the client."""
+        if self._closing:
+            await asyncio.wait(set(self._closing), timeout=self._client.timeout.read)
+        await super().aclose()
 
     async def _send_steps(
         self, items: list[tuple[HTTPSession, SessionAdvance]]
@@ -137,11 +170,15 @@ class HTTPSession:
         return await self.remote._steps.submit(self, step)
 
     async def close(self) -> None:
+        """One quick attempt, so that ending a generation (or `PersonalLLM.aclose`) is
+        never held up; if it fails, the remote retries in the background."""
         self.remote._steps.forget(self)
+        path = f"/v1/sessions/{self.session_id}"
         try:
-            await self.remote._request("DELETE", f"/v1/sessions/{self.session_id}")
-        except (RemoteUnavailable, RemoteProtocolError) as exc:  # it expires on its own
-            log.info("remote.close_failed", error=str(exc))
+            await self.remote._request("DELETE", path, **CLOSE_LIMITS)
+        except (RemoteUnavailable, RemoteProtocolError) as exc:
+            log.info("remote.close_retried", error=str(exc))
+            self.remote._in_background(self.remote._delete(path))
 
 
 def _next_after(state: SessionState, step: SessionAdvance) -> NextTokenLogprobs:

@@ -279,6 +279,21 @@ def create_app(
                 results.append(StepResult(state=outcome))
         return StepResults(results=results)
 
+    @app.delete("/v1/sessions/by-key/{key}", status_code=204, dependencies=[Depends(authorize)])
+    async def delete_by_key(key: str) -> Response:
+        """Drop the session a create with ``Idempotency-Key: key`` made or is making: a
+        client whose create failed (its answer lost, the call cancelled) cannot know
+        the session id, and the session would hold a place under the cap until it
+        expired."""
+        task = creating.get(key)
+        if task is not None:
+            task.add_done_callback(drop_created)
+        return Response(status_code=204)
+
+    def drop_created(task: asyncio.Future[SessionState]) -> None:
+        if not task.cancelled() and task.exception() is None:
+            discard(task.result().session_id)
+
     @app.delete("/v1/sessions/{session_id}", status_code=204, dependencies=[Depends(authorize)])
     async def delete(session_id: str) -> Response:
         discard(session_id)
