@@ -22,6 +22,7 @@ from costeer_sdk import (
     PersonalLLM,
     RateLimitError,
     RemoteProtocolError,
+    RemoteUnavailable,
 )
 from costeer_sdk.context import PromptBuilder
 from costeer_sdk.engine.local import LocalModel
@@ -280,3 +281,59 @@ async def test_the_prefill_bucket_hides_how_long_the_private_prefill_took(
     await llm.generate(PROMPT, context=context, max_new_tokens=3)
     opened, first_step = remote.times[0], remote.times[1]
     assert bucket <= first_step - opened < bucket * 1.5
+
+
+async def test_a_generation_ending_at_its_first_token_still_waits_out_the_bucket(
+    cloud_model: LoadedModel, local_model: LoadedModel
+) -> None:
+    """With no step to delay, the close would time the private prefill instead."""
+    bucket = 0.4
+    closed: list[float] = []
+    remote = Timed(InProcessRemote(cloud_model))
+    original = remote.open_session
+
+    async def open_session(prompt_ids: Sequence[int]):  # type: ignore[no-untyped-def]
+        session, first = await original(prompt_ids)
+        close = session.close
+
+        async def timed_close() -> None:
+            closed.append(time.monotonic())
+            await close()
+
+        session.close = timed_close
+        return session, first
+
+    remote.open_session = open_session  # type: ignore[method-assign]
+    llm = PersonalLLM(
+        remote, LocalModel(local_model, prefix_cache_bytes=0), prefill_bucket_s=bucket
+    )
+    await llm.generate(PROMPT, context=HISTORY, max_new_tokens=1)
+    await asyncio.sleep(bucket * 1.5)
+    assert len(closed) == 1 and bucket <= closed[0] - remote.times[0] < bucket * 1.5
+
+
+async def test_a_generation_cancelled_while_opening_leaves_no_session(
+    cloud_model: LoadedModel, local_model: LoadedModel
+) -> None:
+    slow = Served(create_app(cloud_model, step_delay_s=0.5))
+    try:
+        remote = SessionRemote(slow.url)
+        llm = PersonalLLM(remote, local_model)
+        running = asyncio.ensure_future(llm.generate(PROMPT, context=HISTORY, max_new_tokens=4))
+        await asyncio.sleep(0.2)  # the create is in flight
+        running.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await running
+        await asyncio.sleep(1.0)  # the create answers, and the session is closed
+        assert sessions_of(slow) == 0
+        await remote.aclose()
+    finally:
+        slow.stop()
+
+
+async def test_a_failed_create_drops_what_its_key_made(server: Served) -> None:
+    remote = SessionRemote(server.url, transport=LoseFirstAnswer("/v1/sessions"), retries=0)
+    with pytest.raises(RemoteUnavailable):
+        await remote.open_session([1, 2, 3])
+    await remote.aclose()  # waits for the background drop
+    assert sessions_of(server) == 0
