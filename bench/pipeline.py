@@ -120,7 +120,8 @@ async def concurrent_rate(
     prefilled yet) sharing one `PersonalLLM`."""
     remote = SessionRemote(url, top_k=20, coalesce=coalesce)
     budget = DEFAULT_PREFIX_CACHE_BYTES if prefix_cache else 0
-    llm = PersonalLLM(remote, LocalModel(local, prefix_cache_bytes=budget))
+    # one device, one person: its generations may reuse each other's prefills
+    llm = PersonalLLM(remote, LocalModel(local, prefix_cache_bytes=budget), prefix_scope="shared")
     try:
         start = time.perf_counter()
         outs = await asyncio.gather(
@@ -153,7 +154,7 @@ async def one_delay(
             for pipelined in (False, True):
                 transport = Counting()
                 remote = SessionRemote(url, top_k=20, transport=transport)
-                llm = PersonalLLM(remote, local)
+                llm = PersonalLLM(remote, local, prefix_scope="shared")  # one person's device
                 llm._pipelined = pipelined  # the sequential baseline is bench-only
                 await llm.generate(PROMPT, context=HISTORY, max_new_tokens=2)  # warm-up
                 s = (await llm.generate(PROMPT, context=HISTORY, max_new_tokens=tokens)).stats

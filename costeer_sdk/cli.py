@@ -16,6 +16,7 @@ import click
 from costeer_sdk.builtins import DEFAULT_CLOUD, DEFAULT_LOCAL
 from costeer_sdk.cli_options import DTYPE
 from costeer_sdk.demo import demo_command
+from costeer_sdk.errors import MissingExtraError
 from costeer_sdk.evaluation.command import eval_command
 from costeer_sdk.memory import SQLiteMemoryStore
 
@@ -36,7 +37,17 @@ def side_by_side(left_title: str, left: str, right_title: str, right: str) -> st
     return "\n".join(f"{a:<{width}} | {b}" for a, b in rows)
 
 
-@click.group()
+class _Commands(click.Group):
+    """A missing extra is one line naming it, not a traceback."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except MissingExtraError as exc:
+            raise click.ClickException(str(exc)) from exc
+
+
+@click.group(cls=_Commands)
 @click.option("-v", "--verbose", is_flag=True, help="Show INFO logs (counts and timings only).")
 def main(verbose: bool) -> None:
     """costeer: personalize a cloud LLM with a local model, token by token."""

@@ -161,10 +161,15 @@ class PersonalLLM:
             if local == cloud
             else load_model(local, device=device, dtype=dtype, progress=progress)
         )
+        # The cloud's kept prefixes are public prompts, but reusing them across users
+        # would still time one user's conversation for another (`ChatCoSteer` shares an
+        # engine): kept only where prefixes are shared anyway.
+        shared = options.get("prefix_scope") == "shared"
         llm = cls(
-            # one process, one user: nobody else could time the reuse of a prefix
             InProcessRemote(
-                cloud_model, top_k=top_k, prefix_cache_bytes=DEFAULT_PREFIX_CACHE_BYTES
+                cloud_model,
+                top_k=top_k,
+                prefix_cache_bytes=DEFAULT_PREFIX_CACHE_BYTES if shared else 0,
             ),
             LocalModel(local_model),
             steering,

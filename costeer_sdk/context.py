@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
 
@@ -81,7 +81,7 @@ class Prompts:
     """Token ids of both prompts; ``private_ids`` is None when there is no context."""
 
     public_ids: list[int]
-    private_ids: list[int] | None
+    private_ids: list[int] | None = field(repr=False)  # kept out of reprs and tracebacks
     records_used: int
     records_given: int
 

@@ -26,6 +26,11 @@ class TokenizerMismatchError(ConfigurationError):
     """
 
 
+class MissingExtraError(CoSteerError, ImportError):
+    """A feature's optional dependencies are not installed; the message names the extra
+    (``pip install 'costeer-sdk[serve]'``, ...)."""
+
+
 class ModelNotFoundError(CoSteerError, LookupError):
     """A model spec names nothing that can be loaded on this machine."""
 

@@ -11,13 +11,9 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from costeer_sdk.errors import CoSteerError
+from costeer_sdk.errors import MissingExtraError
 
 __all__ = ["MissingExtraError", "require"]
-
-
-class MissingExtraError(CoSteerError, ImportError):
-    """A feature's optional dependencies are not installed."""
 
 
 def require(module: str, extra: str, feature: str) -> ModuleType:

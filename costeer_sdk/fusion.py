@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from costeer_sdk.errors import ConfigurationError
+from costeer_sdk.remotes.base import DEFAULT_TOP_K  # noqa: F401  (re-exported: the steering support)
 
 __all__ = [
     "SteeringConfig",
@@ -32,12 +33,6 @@ __all__ = [
     "fuse_top_k",
     "steering_weight",
 ]
-
-
-DEFAULT_TOP_K = 20
-"""The steering support everywhere a default is needed: the cloud's top 20 tokens (what
-vLLM serves by default, `--max-logprobs`). The device re-ranks what the cloud finds
-plausible; see `SteeringConfig` and docs/benchmarks.md for why not the whole vocabulary."""
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@ and builds the `Generation` from, finished or not."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -22,13 +23,16 @@ log = get_logger(__name__)
 
 @dataclass
 class Request:
+    """One generation's arguments; the private ones stay out of its repr (a crash
+    reporter that captures frame locals must not capture the history)."""
+
     prompt: Prompt
-    context: Sequence[str] | None
+    context: Sequence[str] | None = field(repr=False)
     max_new_tokens: int
     sampling: SamplingParams
     stop: Sequence[str]
     steering: SteeringConfig
-    scope: object = None  # whose kept local prefixes this generation may reuse
+    scope: object = field(default=None, repr=False)  # whose kept prefixes it may reuse
     result: Generation | None = field(default=None, init=False)
 
 
@@ -100,7 +104,7 @@ async def emit(
             if text.stopped:
                 run.finish = "stop"
                 break
-    except GeneratorExit:  # the caller closed the stream early
+    except (GeneratorExit, asyncio.CancelledError):  # closed early, or its task cancelled
         request.result = run.result("interrupted")
         raise
     except ClientClosedError:

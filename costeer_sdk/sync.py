@@ -9,7 +9,10 @@ would in one asyncio program.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import asyncio
+import concurrent.futures
+import contextlib
+from collections.abc import Sequence
 from types import TracebackType
 from typing import Any
 
@@ -26,21 +29,52 @@ __all__ = ["SyncGenerationStream", "SyncPersonalLLM"]
 class SyncGenerationStream:
     """The text pieces of one generation (``for piece in stream``), then its `Generation`
     in ``generation``. ``with llm.stream(...) as stream:`` ends the generation and frees
-    its remote session as soon as the block is left."""
+    its remote session as soon as the block is left; ``close()`` may also come from
+    another thread (a stop button) while one iterates."""
 
     def __init__(self, stream: GenerationStream) -> None:
         self._stream = stream
-        self._pieces = background.iterate(stream)
+        self._pending: concurrent.futures.Future[str] | None = None
+        self._step: asyncio.Task[str] | None = None  # the step running on the loop
+        self._closed = False
 
-    def __iter__(self) -> Iterator[str]:
-        return self._pieces
+    def __iter__(self) -> SyncGenerationStream:
+        return self
 
     def __next__(self) -> str:
-        return next(self._pieces)
+        if self._closed:
+            raise StopIteration
+        self._pending = background.submit(self._next_piece())
+        try:
+            return self._pending.result()
+        except StopAsyncIteration:
+            raise StopIteration from None
+        except concurrent.futures.CancelledError:
+            if self._closed:  # closed from another thread meanwhile
+                raise StopIteration from None
+            raise
+        except BaseException:
+            self._pending.cancel()  # interrupted (Ctrl-C): the step stops too
+            raise
+
+    async def _next_piece(self) -> str:
+        self._step = asyncio.current_task()
+        return await anext(self._stream)
 
     def close(self) -> None:
-        self._pieces.close()  # closes the stream on the loop, if it was started
-        background.run(self._stream.aclose())
+        """End the generation now (its session freed); safe from any thread."""
+        self._closed = True
+        background.run(self._shutdown())
+
+    async def _shutdown(self) -> None:
+        """On the loop: stop a step another thread waits for, then close the stream
+        (closing a stream while its step runs would fail)."""
+        step = self._step
+        if step is not None and not step.done():
+            step.cancel()
+            with contextlib.suppress(BaseException):
+                await step
+        await self._stream.aclose()
 
     def __enter__(self) -> SyncGenerationStream:
         return self

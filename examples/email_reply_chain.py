@@ -16,7 +16,7 @@ from langchain_core.prompts import ChatPromptTemplate
 
 from costeer_sdk.builtins import DEFAULT_CLOUD, DEFAULT_LOCAL
 from costeer_sdk.memory.transfer import read_jsonl
-from langchain_costeer import ChatCoSteer
+from langchain_costeer import ChatCoSteer, Private
 
 HERE = Path(__file__).resolve().parent
 INCOMING = (
@@ -48,7 +48,7 @@ def main() -> None:
     for piece in chain.stream({"email": INCOMING}):
         print(piece, end="", flush=True)
     print(f"\n\nCoSteer, steered by {len(past_emails)} past emails kept on the device:\n")
-    personal = {"configurable": {"context": past_emails}}
+    personal = {"configurable": {"context": Private(past_emails)}}  # kept out of traces
     pieces = 0
     for piece in chain.stream({"email": INCOMING}, config=personal):
         print(piece, end="", flush=True)

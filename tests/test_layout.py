@@ -71,3 +71,13 @@ def test_library_warnings_print_nothing_unless_logging_is_configured() -> None:
     assert python(code).stderr == ""
     configured = python("import logging; logging.basicConfig()\n" + code)
     assert "generate.interrupted" in configured.stderr
+
+
+def test_the_cli_names_a_missing_extra_in_one_line() -> None:
+    done = python(
+        "import sys; sys.modules['fastapi'] = None\n"
+        "from costeer_sdk.cli import main\n"
+        "main(['serve', '--model', 'x'])"
+    )
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "pip install 'costeer-sdk[serve]'" in done.stderr

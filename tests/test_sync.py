@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -71,3 +73,35 @@ def test_leaving_a_stream_early_frees_the_session(
         background.run(remote.aclose())
     finally:
         served.stop()
+
+
+def test_a_stream_closed_from_another_thread_stops_the_iterating_one(
+    cloud_model: LoadedModel, local_model: LoadedModel
+) -> None:
+    served = Served(create_app(cloud_model, step_delay_s=0.05))
+    sessions = served.server.config.app.state.sessions  # type: ignore[attr-defined]
+    try:
+        remote = SessionRemote(served.url)
+        llm = SyncPersonalLLM(remote, local_model)
+        stream = llm.stream(PROMPT, context=HISTORY, max_new_tokens=200)
+        pieces: list[str] = []
+        reader = threading.Thread(target=lambda: pieces.extend(stream))
+        reader.start()
+        while not pieces:
+            time.sleep(0.01)
+        stream.close()  # the "stop" button, from this thread
+        reader.join(5)
+        assert not reader.is_alive() and len(sessions) == 0
+        assert stream.generation is not None
+        assert stream.generation.finish_reason == "interrupted"
+        background.run(remote.aclose())
+    finally:
+        served.stop()
+
+
+def test_a_blocking_call_on_the_background_loop_is_refused() -> None:
+    async def inside() -> None:
+        background.run(asyncio.sleep(0))
+
+    with pytest.raises(RuntimeError, match="background loop"):
+        background.run(inside())

@@ -12,7 +12,7 @@ import click
 from costeer_sdk.builtins import DEFAULT_CLOUD, DEFAULT_LOCAL
 from costeer_sdk.cli_options import DTYPE
 from costeer_sdk.fusion import SteeringConfig
-from costeer_sdk.remotes.base import Remote
+from costeer_sdk.remotes.base import DEFAULT_TOP_K, Remote
 
 _DEFAULTS = SteeringConfig()
 
@@ -71,7 +71,7 @@ _DEFAULTS = SteeringConfig()
 )
 @click.option(
     "--top-k",
-    default=20,
+    default=DEFAULT_TOP_K,
     show_default=True,
     help="Steer over the cloud's top-k tokens; 0 for the full vocabulary.",
 )

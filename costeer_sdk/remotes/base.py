@@ -15,6 +15,11 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+DEFAULT_TOP_K = 20
+"""The steering support everywhere a default is needed: the cloud's top 20 tokens (what
+vLLM serves by default, `--max-logprobs`). The device re-ranks what the cloud finds
+plausible; see `SteeringConfig` and docs/benchmarks.md for why not the whole vocabulary."""
+
 
 @dataclass(frozen=True)
 class NextTokenLogprobs:

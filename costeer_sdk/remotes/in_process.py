@@ -13,8 +13,7 @@ from costeer_sdk.engine.kv_cache import KVState
 from costeer_sdk.engine.prefixes import PrefixCache
 from costeer_sdk.engine.runtime import LoadedModel
 from costeer_sdk.errors import ConfigurationError, RemoteProtocolError
-from costeer_sdk.fusion import DEFAULT_TOP_K
-from costeer_sdk.remotes.base import NextTokenLogprobs, RemoteInfo
+from costeer_sdk.remotes.base import DEFAULT_TOP_K, NextTokenLogprobs, RemoteInfo
 
 
 class InProcessRemote:

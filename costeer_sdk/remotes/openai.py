@@ -27,8 +27,7 @@ import httpx
 import torch
 
 from costeer_sdk.errors import ConfigurationError, RemoteProtocolError
-from costeer_sdk.fusion import DEFAULT_TOP_K
-from costeer_sdk.remotes.base import NextTokenLogprobs, RemoteInfo
+from costeer_sdk.remotes.base import DEFAULT_TOP_K, NextTokenLogprobs, RemoteInfo
 from costeer_sdk.remotes.http import HTTPRemote
 
 Dialect = Literal["completions", "llama.cpp"]

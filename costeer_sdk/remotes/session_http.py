@@ -18,10 +18,9 @@ from costeer_sdk.errors import (
     RemoteStatusError,
     RemoteUnavailable,
 )
-from costeer_sdk.fusion import DEFAULT_TOP_K
 from costeer_sdk.gathering import Gatherer
 from costeer_sdk.logs import get_logger
-from costeer_sdk.remotes.base import NextTokenLogprobs, RemoteInfo
+from costeer_sdk.remotes.base import DEFAULT_TOP_K, NextTokenLogprobs, RemoteInfo
 from costeer_sdk.remotes.http import STATUS_ERRORS, HTTPRemote, parse
 from costeer_sdk.remotes.wire import (
     Encoding,

@@ -33,6 +33,8 @@ from pydantic import ConfigDict, Field, SecretStr
 from costeer_sdk import Generation, PersonalLLM, SteeringConfig
 from costeer_sdk import background as _loop
 from costeer_sdk.builtins import DEFAULT_CLOUD, DEFAULT_LOCAL
+from costeer_sdk.remotes.base import DEFAULT_TOP_K
+from langchain_costeer.private import unwrap
 
 RemoteAPI = Literal["costeer", "openai", "llama.cpp"]
 _CALL_OPTIONS = ("user_id", "context", "max_tokens", "temperature", "top_p", "seed")
@@ -47,7 +49,7 @@ class ChatCoSteer(BaseChatModel):
     this process.
 
     Setup:
-        ``pip install langchain-costeer`` (and ``costeer-sdk[models]`` for the embedded
+        ``pip install langchain-costeer`` (and ``costeer-sdk[builtin]`` for the embedded
         default pair).
 
     Instantiate:
@@ -66,8 +68,12 @@ class ChatCoSteer(BaseChatModel):
         ```python
         chat.invoke("Draft my reply", context=["my earlier email ..."])
         chat.invoke("Draft my reply", user_id="alice")          # needs memory_path
-        chain.invoke(x, config={"configurable": {"user_id": "alice"}})
+        chain.invoke(x, config={"configurable": {"user_id": Private("alice")}})
         ```
+
+    In ``configurable``, wrap personal values in `Private`: LangChain copies plain
+    strings there into the metadata LangSmith traces upload, so a plain string
+    ``user_id`` or ``context`` there is refused.
 
     Not supported, and declared so: tool calling, structured output, JSON mode, images,
     audio, PDFs (CoSteer steers plain text generation). Messages must be text; tool
@@ -100,7 +106,7 @@ class ChatCoSteer(BaseChatModel):
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] | None = Field(default=None, alias="stop_sequences")
-    top_k: int | None = 20
+    top_k: int | None = DEFAULT_TOP_K
     """Steer over the cloud's top-k tokens (None: the whole vocabulary, in-process only)."""
     steering: SteeringConfig | None = None
     """CoSteer hyperparameters; the paper's by default."""
@@ -158,7 +164,7 @@ class ChatCoSteer(BaseChatModel):
         cached answer, and the key (a cache may live on another host) must not hold
         them: they enter as a keyed hash whose key never leaves this process."""
         public = {k: v for k, v in kwargs.items() if k not in _PRIVATE}
-        private = json.dumps({k: kwargs.get(k) for k in sorted(_PRIVATE)}, default=str)
+        private = json.dumps({k: unwrap(kwargs.get(k)) for k in sorted(_PRIVATE)}, default=str)
         digest = hmac.new(_CACHE_SALT, private.encode(), hashlib.sha256).hexdigest()
         return f"{super()._get_llm_string(stop, **public)}---private:{digest}"
 
@@ -225,7 +231,7 @@ class ChatCoSteer(BaseChatModel):
             if not self.remote_model:
                 raise ValueError("remote_api='openai'/'llama.cpp' needs remote_model")
             remote = OpenAICompatibleRemote(
-                self.model, self.remote_model, api_key=api_key, top_k=self.top_k or 20,
+                self.model, self.remote_model, api_key=api_key, top_k=self.top_k or DEFAULT_TOP_K,
                 dialect="llama.cpp" if self.remote_api == "llama.cpp" else "completions",
                 **options,
             )  # fmt: skip
@@ -275,9 +281,16 @@ class ChatCoSteer(BaseChatModel):
 
         def pick(name: str) -> Any:
             if name in kwargs:
-                return kwargs[name]
+                return unwrap(kwargs[name])
             if name in configurable:
-                return configurable[name]
+                value = configurable[name]
+                if name in _PRIVATE and isinstance(value, str | int | float | bool):
+                    raise ValueError(
+                        f"configurable[{name!r}] is a plain {type(value).__name__}, which "
+                        "LangChain copies into the metadata of LangSmith traces; wrap it: "
+                        f"{{{name!r}: Private(...)}} (from langchain_costeer import Private)"
+                    )
+                return unwrap(value)
             return getattr(self, name)
 
         context = pick("context")
@@ -388,8 +401,6 @@ def metadata(result: Generation, model_name: str) -> dict[str, Any]:
         "model_provider": "costeer",
         "finish_reason": result.finish_reason,
         "steered": result.steered,
-        "private_prompt_tokens": stats.private_prompt_tokens,
-        "context_records_used": stats.context_records_used,
         "elapsed_s": round(stats.elapsed_s, 4),
         "steering_weight": stats.steering_weight,
     }

@@ -23,7 +23,7 @@ from tiny import make_model, make_tokenizer
 from costeer_sdk import InProcessRemote, PersonalLLM
 from costeer_sdk import background as _loop
 from costeer_sdk.memory import SQLiteMemoryStore
-from langchain_costeer import ChatCoSteer
+from langchain_costeer import ChatCoSteer, Private
 
 HISTORY = ["I ran ten miles in my new shoes.", "The grip is good on wet trails."]
 PROMPT = "Write about my shoes."
@@ -64,7 +64,8 @@ def test_invoke_equals_the_sdk_with_and_without_context(
     usage = steered.usage_metadata
     assert usage is not None and usage["output_tokens"] >= 1
     assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"]
-    assert steered.response_metadata["private_prompt_tokens"] > usage["input_tokens"]
+    # how big the private history is stays out of what callbacks and tracers receive
+    assert "private_prompt_tokens" not in steered.response_metadata
 
 
 async def test_async_stream_batch_agree(chat: ChatCoSteer) -> None:
@@ -126,10 +127,10 @@ def test_user_id_from_the_memory_store_per_call_and_configurable(chat: ChatCoSte
 
     # Inside a real LCEL chain, the user comes from the run's configurable.
     chain = ChatPromptTemplate.from_messages([("human", "{request}")]) | chat | StrOutputParser()
-    out = chain.invoke({"request": PROMPT}, config={"configurable": {"user_id": "alice"}})
+    out = chain.invoke({"request": PROMPT}, config={"configurable": {"user_id": Private("alice")}})
     assert out == from_context
     streamed = list(
-        chain.stream({"request": PROMPT}, config={"configurable": {"user_id": "alice"}})
+        chain.stream({"request": PROMPT}, config={"configurable": {"user_id": Private("alice")}})
     )
     assert len(streamed) > 1 and "".join(streamed) == from_context
 
@@ -219,9 +220,11 @@ def test_private_context_reaches_no_callback_tracer_repr_or_serialization(
     chat.invoke(PROMPT, config=config, user_id=user)
     list(chat.stream(PROMPT, config=config, context=private))
     chat.batch([PROMPT, PROMPT], config=config, context=private)
-    chat.invoke(PROMPT, config={**config, "configurable": {"context": private, "user_id": user}})
+    chat.invoke(
+        PROMPT, config={**config, "configurable": {"context": private, "user_id": Private(user)}}
+    )
     chain = ChatPromptTemplate.from_messages([("human", "{q}")]) | chat | StrOutputParser()
-    chain.invoke({"q": PROMPT}, config={**config, "configurable": {"user_id": user}})
+    chain.invoke({"q": PROMPT}, config={**config, "configurable": {"user_id": Private(user)}})
 
     async def from_async() -> list[Any]:
         await chat.ainvoke(PROMPT, config=config, context=private)
@@ -248,3 +251,25 @@ def test_private_context_reaches_no_callback_tracer_repr_or_serialization(
     assert not leaks, leaks[0][:500]
     # and the LLM cache keys of two contexts differ, without holding either
     assert with_field._get_llm_string(context=["a"]) != with_field._get_llm_string(context=["b"])
+
+
+def test_langsmith_traces_get_no_private_configurable(chat: ChatCoSteer) -> None:
+    """LangChain copies plain strings under ``configurable`` into LangSmith's metadata:
+    a plain user id there is refused, a `Private` one never reaches the upload."""
+    from unittest.mock import MagicMock
+
+    from langchain_core.tracers.langchain import LangChainTracer
+
+    client = MagicMock()
+    tracer = LangChainTracer(client=client)
+    chain = ChatPromptTemplate.from_messages([("human", "{q}")]) | chat | StrOutputParser()
+    user = f"user-{CANARY}"
+    config: Any = {"callbacks": [tracer], "configurable": {"user_id": Private(user)}}
+    chain.invoke({"q": PROMPT}, config=config)
+    chain.invoke({"q": PROMPT}, config={**config, "configurable": {"context": Private(CANARY)}})
+    tracer.wait_for_futures()
+    assert client.mock_calls and CANARY not in repr(client.mock_calls)
+    with pytest.raises(ValueError, match="Private"):
+        chain.invoke({"q": PROMPT}, config={"configurable": {"user_id": user}})
+    # and the cache keys of two private users differ
+    assert chat._get_llm_string(user_id=Private("a")) != chat._get_llm_string(user_id=Private("b"))
