@@ -18,51 +18,17 @@ import argparse
 import asyncio
 import statistics
 import sys
-import time
-from collections.abc import Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from test_reliability import Timed  # records when the session opened and each step came
 from tiny import make_model, make_tokenizer
 
-from costeer_sdk import InProcessRemote, NextTokenLogprobs, PersonalLLM, RemoteInfo
+from costeer_sdk import InProcessRemote, PersonalLLM
 from costeer_sdk.engine.local import LocalModel
 
 PROMPT = "Write a short review of my new shoes."
 RECORD = "I ran ten miles in my new shoes and they felt light and springy."
-
-
-class Gap:
-    """The remote as the cloud sees it: when the session opened, when step one came."""
-
-    def __init__(self, inner: InProcessRemote) -> None:
-        self.inner = inner
-        self.gaps: list[float] = []
-
-    async def describe(self) -> RemoteInfo:
-        return await self.inner.describe()
-
-    async def open_session(self, prompt_ids: Sequence[int]):  # type: ignore[no-untyped-def]
-        opened = time.monotonic()
-        session, first = await self.inner.open_session(prompt_ids)
-        gaps = self.gaps
-
-        class Session:
-            first = True
-
-            async def advance(self, token_id: int, position: int) -> NextTokenLogprobs:
-                if self.first:
-                    gaps.append(time.monotonic() - opened)
-                    self.first = False
-                return await session.advance(token_id, position)
-
-            async def close(self) -> None:
-                await session.close()
-
-        return Session(), first
-
-    async def aclose(self) -> None:
-        pass
 
 
 async def main() -> None:
@@ -79,14 +45,14 @@ async def main() -> None:
     rows: dict[float, dict[str, list[float]]] = {b: {"gap": [], "total": []} for b in args.buckets}
     for _ in range(args.repeats):  # alternate settings, so drift hits them alike
         for bucket in args.buckets:
-            remote = Gap(InProcessRemote(cloud))
+            remote = Timed(InProcessRemote(cloud))
             llm = PersonalLLM(
                 remote, LocalModel(local, prefix_cache_bytes=0), prefill_bucket_s=bucket
             )
             for n in args.records:
                 out = await llm.generate(PROMPT, context=[RECORD] * n, max_new_tokens=args.tokens)
                 rows[bucket]["total"].append(out.stats.elapsed_s)
-            rows[bucket]["gap"].extend(remote.gaps)
+            rows[bucket]["gap"].extend(remote.gaps())
     base = statistics.median(rows[args.buckets[0]]["total"])
     print(f"private prompts of {args.records} records, {args.tokens} tokens, {args.repeats} rounds")
     print("| bucket s | gap the cloud sees, min-max ms | generation median ms | added ms |")

@@ -7,6 +7,7 @@ import asyncio
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypedDict
 
 from costeer_sdk.context import Prompt, Prompts
 from costeer_sdk.decoding import SamplingParams, TextAssembler
@@ -16,9 +17,23 @@ from costeer_sdk.logs import get_logger
 from costeer_sdk.results import FinishReason, Generation, GenerationStats
 from costeer_sdk.scheduler import StepClock
 
-__all__ = ["Progress", "Request", "emit"]
+__all__ = ["GenerateOptions", "Progress", "Request", "emit"]
 
 log = get_logger(__name__)
+
+
+class GenerateOptions(TypedDict, total=False):
+    """The keyword arguments of `PersonalLLM.generate` and ``stream`` (and of their
+    blocking twins in `sync`), documented there."""
+
+    context: Sequence[str] | None
+    user_id: str | None
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    seed: int | None
+    stop: Sequence[str] | str
+    steering: SteeringConfig | None
 
 
 @dataclass

@@ -12,14 +12,13 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-from collections.abc import Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, Unpack
 
 from costeer_sdk import background
 from costeer_sdk.client import PersonalLLM
 from costeer_sdk.context import Prompt
-from costeer_sdk.fusion import SteeringConfig
+from costeer_sdk.generation import GenerateOptions
 from costeer_sdk.results import Generation
 from costeer_sdk.stream import GenerationStream
 
@@ -126,61 +125,13 @@ class SyncPersonalLLM:
         """`PersonalLLM.from_defaults`: the embedded default pair."""
         return cls(async_client=PersonalLLM.from_defaults(**options))
 
-    def generate(
-        self,
-        prompt: Prompt,
-        *,
-        context: Sequence[str] | None = None,
-        user_id: str | None = None,
-        max_new_tokens: int = 128,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        stop: Sequence[str] | str = (),
-        steering: SteeringConfig | None = None,
-    ) -> Generation:
-        """`PersonalLLM.generate`, blocking."""
-        return background.run(
-            self.async_client.generate(
-                prompt,
-                context=context,
-                user_id=user_id,
-                max_new_tokens=max_new_tokens,
-                temperature=temperature,
-                top_p=top_p,
-                seed=seed,
-                stop=stop,
-                steering=steering,
-            )
-        )
+    def generate(self, prompt: Prompt, **options: Unpack[GenerateOptions]) -> Generation:
+        """`PersonalLLM.generate`, blocking (the same keyword arguments)."""
+        return background.run(self.async_client.generate(prompt, **options))
 
-    def stream(
-        self,
-        prompt: Prompt,
-        *,
-        context: Sequence[str] | None = None,
-        user_id: str | None = None,
-        max_new_tokens: int = 128,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        stop: Sequence[str] | str = (),
-        steering: SteeringConfig | None = None,
-    ) -> SyncGenerationStream:
-        """`PersonalLLM.stream`, as a plain iterator."""
-        return SyncGenerationStream(
-            self.async_client.stream(
-                prompt,
-                context=context,
-                user_id=user_id,
-                max_new_tokens=max_new_tokens,
-                temperature=temperature,
-                top_p=top_p,
-                seed=seed,
-                stop=stop,
-                steering=steering,
-            )
-        )
+    def stream(self, prompt: Prompt, **options: Unpack[GenerateOptions]) -> SyncGenerationStream:
+        """`PersonalLLM.stream`, as a plain iterator (the same keyword arguments)."""
+        return SyncGenerationStream(self.async_client.stream(prompt, **options))
 
     def close(self) -> None:
         """`PersonalLLM.aclose`: ends running generations, closes what it created."""

@@ -244,18 +244,21 @@ class Timed:
     def __init__(self, inner: InProcessRemote) -> None:
         self.inner = inner
         self.times: list[float] = []
+        self.kinds: list[str] = []  # "open" or "step", one per entry of ``times``
 
     async def describe(self) -> RemoteInfo:
         return await self.inner.describe()
 
     async def open_session(self, prompt_ids: Sequence[int]):  # type: ignore[no-untyped-def]
         self.times.append(time.monotonic())
+        self.kinds.append("open")
         session, first = await self.inner.open_session(prompt_ids)
-        times = self.times
+        times, kinds = self.times, self.kinds
 
         class Session:
             async def advance(self, token_id: int, position: int) -> NextTokenLogprobs:
                 times.append(time.monotonic())
+                kinds.append("step")
                 return await session.advance(token_id, position)
 
             async def close(self) -> None:
@@ -265,6 +268,15 @@ class Timed:
 
     async def aclose(self) -> None:
         pass
+
+    def gaps(self) -> list[float]:
+        """Per session: from its open to its first step (what the cloud can time)."""
+        starts = [i for i, kind in enumerate(self.kinds) if kind == "open"]
+        return [
+            self.times[i + 1] - self.times[i]
+            for i in starts
+            if i + 1 < len(self.times) and self.kinds[i + 1] == "step"
+        ]
 
 
 @pytest.mark.parametrize("records", [1, 40])
