@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 from tokenizers.decoders import DecodeStream
@@ -28,53 +28,15 @@ from costeer_sdk.decoding import TextAssembler
 from costeer_sdk.engine.loading import cache_root
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from test_decoding import OldAssembler  # the whole-answer re-decode it replaced
 from tiny import CORPUS, make_tokenizer
 
 TEXT = " ".join(CORPUS) + " Un café crème, s'il vous plaît. 日本語の文章 😀👍 ok.\n"
 STOP = ["</never>"]
 
 
-class ReDecode:
-    """The assembler before issue 16: the whole answer decoded at every token."""
-
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: Sequence[str]) -> None:
-        self.tokenizer, self.stop = tokenizer, tuple(stop)
-        self.token_ids: list[int] = []
-        self.text = ""
-        self._released = 0
-
-    def push(self, token_id: int) -> str:
-        self.token_ids.append(token_id)
-        full = str(
-            self.tokenizer.decode(
-                self.token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
-            )
-        )
-        cut = min((i for i in (full.find(s) for s in self.stop) if i >= 0), default=-1)
-        if cut >= 0:
-            self.text = full[:cut]
-            return self._release(len(self.text))
-        self.text = full
-        safe = len(full.rstrip("\ufffd"))
-        held = max(
-            (k for s in self.stop for k in range(1, len(s)) if full[:safe].endswith(s[:k])),
-            default=0,
-        )
-        return self._release(safe - held)
-
-    def flush(self) -> str:
-        return self._release(len(self.text))
-
-    def _release(self, end: int) -> str:
-        if end <= self._released:
-            return ""
-        piece = self.text[self._released : end]
-        self._released = end
-        return piece
-
-
 def old(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> str:
-    assembler = ReDecode(tokenizer, STOP)
+    assembler = OldAssembler(tokenizer, STOP)
     return "".join(assembler.push(t) for t in ids) + assembler.flush()
 
 
