@@ -81,3 +81,51 @@ def test_the_cli_names_a_missing_extra_in_one_line() -> None:
     )
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert "pip install 'costeer-sdk[serve]'" in done.stderr
+
+
+def test_one_top_k_default_everywhere() -> None:
+    import inspect
+
+    from costeer_sdk import InProcessRemote, OpenAICompatibleRemote, PersonalLLM, SessionRemote
+    from costeer_sdk.evaluation.runner import Evaluator
+    from costeer_sdk.remotes.base import DEFAULT_TOP_K
+
+    for where in (
+        InProcessRemote.__init__,
+        SessionRemote.__init__,
+        OpenAICompatibleRemote.__init__,
+        PersonalLLM.from_models,
+        Evaluator.__init__,
+    ):
+        assert inspect.signature(where).parameters["top_k"].default == DEFAULT_TOP_K, where
+    assert DEFAULT_TOP_K == 20
+
+
+def test_the_constructor_keeps_bench_switches_private() -> None:
+    import inspect
+
+    from costeer_sdk import PersonalLLM
+
+    assert "pipelined" not in inspect.signature(PersonalLLM.__init__).parameters
+
+
+async def test_a_remote_passed_in_stays_open(cloud_model, local_model) -> None:  # type: ignore[no-untyped-def]
+    from costeer_sdk import InProcessRemote, PersonalLLM, SessionRemote
+
+    remote = SessionRemote("http://127.0.0.1:9")  # never called: describe is not reached
+    llm = PersonalLLM(remote, local_model)
+    await llm.aclose()
+    assert not remote._client.is_closed  # the caller's to close
+    await remote.aclose()
+    assert remote._client.is_closed
+
+    class Owned(InProcessRemote):
+        closed = False
+
+        async def aclose(self) -> None:
+            self.closed = True
+
+    built = PersonalLLM(Owned(cloud_model), local_model)
+    built._owns_remote = True  # as from_models marks the remote it creates
+    await built.aclose()
+    assert built.remote.closed  # type: ignore[attr-defined]

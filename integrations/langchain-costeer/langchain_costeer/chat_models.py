@@ -110,6 +110,10 @@ class ChatCoSteer(BaseChatModel):
     """Steer over the cloud's top-k tokens (None: the whole vocabulary, in-process only)."""
     steering: SteeringConfig | None = None
     """CoSteer hyperparameters; the paper's by default."""
+    prefill_bucket_s: float = 0.0
+    """Hide how long the device's private prefill took from the cloud, to this many
+    seconds (`PersonalLLM`'s option; 0: off). Kept prefixes are always per user here:
+    one model object serves many users."""
     timeout: float | None = None
     """Seconds per remote request (remote servers only)."""
     max_retries: int = 2
@@ -185,7 +189,8 @@ class ChatCoSteer(BaseChatModel):
     def _engine_key(self) -> tuple[Any, ...]:
         secret = self.api_key.get_secret_value() if self.api_key else None
         return (self.model, self.local_model, self.remote_api, self.remote_model, secret,
-                self.top_k, self.timeout, self.max_retries, self.memory_path)  # fmt: skip
+                self.top_k, self.timeout, self.max_retries, self.memory_path,
+                self.prefill_bucket_s)  # fmt: skip
 
     async def _engine(self) -> PersonalLLM:
         """The PersonalLLM for these settings (built once per process, on the loop)."""
@@ -212,7 +217,7 @@ class ChatCoSteer(BaseChatModel):
         if not self.model.startswith(("http://", "https://")):
             return await asyncio.to_thread(
                 PersonalLLM.from_models, self.model, self.local_model, top_k=self.top_k,
-                progress=False, memory=memory,
+                progress=False, memory=memory, prefill_bucket_s=self.prefill_bucket_s,
             )  # fmt: skip
         from costeer_sdk.engine.local import LocalModel
 
@@ -236,7 +241,9 @@ class ChatCoSteer(BaseChatModel):
                 **options,
             )  # fmt: skip
         local = await asyncio.to_thread(LocalModel.from_spec, self.local_model)
-        return PersonalLLM(remote, local, memory=memory)
+        llm = PersonalLLM(remote, local, memory=memory, prefill_bucket_s=self.prefill_bucket_s)
+        llm._owns_remote = True  # built here from the settings: closed with the engine
+        return llm
 
     # -- calls ----------------------------------------------------------------------
 
