@@ -36,6 +36,9 @@ from costeer_sdk.results import Generation
 from costeer_sdk.scheduler import steer
 from costeer_sdk.stream import GenerationStream
 
+DEFAULT_LOOKAHEAD = 0
+"""Per-token rounds until the bench picks a default (docs/benchmarks.md)."""
+
 log = get_logger(__name__)
 
 PrefixScope = Literal["user", "shared"]
@@ -63,6 +66,11 @@ class PersonalLLM:
             a prefill runs cannot tell one user what another's private prompt starts
             with; ``"shared"`` lets every generation reuse every other's, for a device
             that serves one person.
+        lookahead: multi-token rounds (`rounds`): the cloud drafts up to this many
+            tokens per request and the device verifies them, so a generation needs far
+            fewer round trips; the output is the same (greedy) or distributed the same
+            (sampling). 0: one request per token. Remotes that cannot draft step per
+            token whatever this says.
         prefill_bucket_s: round the time from opening the cloud session to the first
             step up to a whole multiple of this (0: off), so the cloud cannot time the
             private prefill (its length, a prefix-cache hit) to finer than the bucket;
@@ -83,6 +91,7 @@ class PersonalLLM:
         retriever: Retriever | None = None,
         prefix_scope: PrefixScope = "user",
         prefill_bucket_s: float = 0.0,
+        lookahead: int = DEFAULT_LOOKAHEAD,
     ) -> None:
         if isinstance(local, str):
             local = LocalModel.from_spec(local)
@@ -104,6 +113,9 @@ class PersonalLLM:
             )
         if not prefill_bucket_s >= 0:
             raise ConfigurationError(f"prefill_bucket_s must be >= 0, got {prefill_bucket_s}")
+        if isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead < 0:
+            raise ConfigurationError(f"lookahead must be an int >= 0, got {lookahead!r}")
+        self.lookahead = lookahead
         self.prefix_scope = prefix_scope
         self.prefill_bucket_s = prefill_bucket_s
         self._lifecycle = Lifecycle()
@@ -351,6 +363,7 @@ class PersonalLLM:
             pipelined=self._pipelined,
             scope=request.scope,
             prefill_bucket_s=self.prefill_bucket_s,
+            lookahead=self.lookahead,
         )
         pieces = emit(tokens, run, local.eos_token_ids, self._lifecycle.next_token)
         try:

@@ -15,9 +15,7 @@ from transformers import PreTrainedTokenizerBase
 
 from costeer_sdk.detokenize import REPLACEMENT, IncrementalDetokenizer
 from costeer_sdk.errors import ConfigurationError
-
-GREEDY_BELOW = 1e-4
-"""Temperatures below this decode greedily: dividing log-probs by less overflows float32."""
+from costeer_sdk.remotes.base import GREEDY_BELOW  # one threshold for the device and the cloud
 
 
 @dataclass(frozen=True)
@@ -55,8 +53,12 @@ class TokenChooser:
         else:
             self._generator.manual_seed(params.seed)
 
+    @property
+    def greedy(self) -> bool:
+        return self.params.temperature < GREEDY_BELOW
+
     def choose(self, logprobs: torch.Tensor) -> int:
-        if self.params.temperature < GREEDY_BELOW:
+        if self.greedy:
             return int(torch.argmax(logprobs))
         scaled = torch.softmax(logprobs.float() / self.params.temperature, dim=-1)
         if self.params.top_p < 1:
@@ -66,6 +68,35 @@ class TokenChooser:
             picked = torch.multinomial(probs, 1, generator=self._generator)
             return int(order[picked])
         return int(torch.multinomial(scaled, 1, generator=self._generator))
+
+    def probabilities(self, logprobs: torch.Tensor) -> torch.Tensor:
+        """The distribution `choose` draws from (temperature, then top-p), normalised."""
+        scaled = torch.softmax(logprobs.float() / self.params.temperature, dim=-1)
+        if self.params.top_p >= 1:
+            return scaled
+        probs, order = torch.sort(scaled, descending=True)
+        before = torch.cumsum(probs, dim=-1) - probs
+        probs = torch.where(before < self.params.top_p, probs, torch.zeros_like(probs))
+        kept = torch.zeros_like(scaled).scatter(0, order, probs)
+        return kept / kept.sum()
+
+    def verify(self, logprobs: torch.Tensor, drafted: int, q: torch.Tensor) -> int:
+        """The token at a drafted position: ``drafted`` (an index into ``logprobs``) when
+        it is kept, else another. Greedy keeps it only if it is the argmax. Sampling is
+        speculative sampling (Leviathan et al. 2023; Chen et al. 2023): keep it with
+        probability min(1, p(x) / q(x)), where p is what `choose` would draw from and q
+        what the cloud drew it from; else draw from normalise(max(0, p - q)). The token
+        that comes out is distributed as p, as one drawn by `choose` would be."""
+        if self.greedy:
+            return int(torch.argmax(logprobs))
+        p = self.probabilities(logprobs)
+        ratio = float(p[drafted]) / max(float(q[drafted]), 1e-30)
+        if float(torch.rand((), generator=self._generator)) < min(1.0, ratio):
+            return drafted
+        residual = torch.clamp(p - q, min=0)
+        if float(residual.sum()) <= 0:  # p == q: nothing is left to correct
+            return int(torch.multinomial(p, 1, generator=self._generator))
+        return int(torch.multinomial(residual / residual.sum(), 1, generator=self._generator))
 
 
 class TextAssembler:

@@ -82,6 +82,9 @@ class Progress:
             local_s=clock.local_s,
             fuse_s=clock.fuse_s,
             steering_weight=steering_weight(self.request.steering) if self.steered else 0.0,
+            round_trips=clock.round_trips,
+            drafted_tokens=clock.drafted,
+            accepted_tokens=clock.accepted,
         )
         text = self.text
         return Generation(text.text, list(text.token_ids), finish, self.steered, stats)

@@ -43,13 +43,15 @@ def sent_token_ids(requests: Iterable[Request]) -> list[int]:
     return ids
 
 
-_SCALARS = {"top_k", "encoding", "position", "session_id"}
+_SCALARS = {"top_k", "encoding", "position", "session_id", "max_tokens", "temperature", "seed"}
 
 
 def _ids_of(message: dict[str, Any], where: str) -> list[int]:
     ids: list[int] = []
     for key, value in message.items():
         if key == "prompt_ids":
+            ids.extend(int(t) for t in value)
+        elif key == "append":  # a multi-token round's decided tokens
             ids.extend(int(t) for t in value)
         elif key == "token_id":
             ids.append(int(value))

@@ -15,7 +15,10 @@ class GenerationStats:
     """Where a generation's time went.
 
     ``remote_s`` and ``local_s`` are summed waits on each side; with the two in flight
-    together their sum exceeds ``elapsed_s``.
+    together their sum exceeds ``elapsed_s``. ``round_trips`` counts requests to the
+    cloud (the open, then one per token, or one per round with ``lookahead``);
+    ``drafted_tokens`` the tokens the cloud ran ahead with, ``accepted_tokens`` those
+    kept.
     """
 
     steps: int
@@ -28,6 +31,9 @@ class GenerationStats:
     local_s: float
     fuse_s: float
     steering_weight: float
+    round_trips: int = 0
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
 
     @property
     def tokens_per_s(self) -> float:

@@ -14,24 +14,31 @@ from collections.abc import AsyncGenerator, Awaitable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import torch
+
 from costeer_sdk.context import Prompts
 from costeer_sdk.decoding import TokenChooser
 from costeer_sdk.engine.local import BranchPair, LocalModel
 from costeer_sdk.engine.prefixes import Scope
 from costeer_sdk.engine.readout import NextTokenScores
 from costeer_sdk.fusion import SteeringConfig, fuse
-from costeer_sdk.remotes.base import NextTokenLogprobs, Remote, RemoteSession
+from costeer_sdk.remotes.base import DraftingSession, NextTokenLogprobs, Remote, RemoteSession
 
 T = TypeVar("T")
 
 
 @dataclass
 class StepClock:
-    """Seconds spent waiting on each side, summed over a generation."""
+    """Seconds spent waiting on each side, summed over a generation, and the requests
+    made to the cloud (``round_trips``: the open and each step or round; ``drafted`` and
+    ``accepted``: tokens the cloud ran ahead with, and how many of them were kept)."""
 
     remote_s: float = 0.0
     local_s: float = 0.0
     fuse_s: float = 0.0
+    round_trips: int = 0
+    drafted: int = 0
+    accepted: int = 0
 
     async def remote(self, call: Awaitable[T]) -> T:
         return await self._timed(call, "remote_s")
@@ -47,27 +54,53 @@ class StepClock:
             setattr(self, total, getattr(self, total) + time.perf_counter() - start)
 
 
+@dataclass(frozen=True)
+class Candidates:
+    """One position's choice: the token ids it ranges over (None: ids are indices), the
+    cloud's log-probs of them and the fused log-probs to choose from."""
+
+    ids: torch.Tensor | None
+    cloud: torch.Tensor
+    fused: torch.Tensor
+
+    def token(self, index: int) -> int:
+        return index if self.ids is None else int(self.ids[index])
+
+    def index(self, token: int) -> int | None:
+        """Where ``token`` is among the candidates (None: it is not one)."""
+        if self.ids is None:
+            return token if token < self.fused.shape[-1] else None
+        where = torch.nonzero(self.ids == token)
+        return int(where[0]) if len(where) else None
+
+
+def candidates(
+    cloud: NextTokenLogprobs, local: NextTokenScores | None, steering: SteeringConfig
+) -> Candidates:
+    """Fuse one position's distributions (local row 0: with context)."""
+    if local is None:
+        return Candidates(cloud.token_ids, cloud.logprobs, cloud.logprobs)
+    if cloud.token_ids is None:
+        logits = local.full()
+        n = min(logits.shape[-1], cloud.logprobs.shape[-1])
+        fused = fuse(cloud.logprobs[None, :n], logits[1:2, :n], logits[0:1, :n], steering)
+        return Candidates(None, cloud.logprobs[:n], fused[0])
+    # `fuse_top_k` over the k tokens, whose local logits are read out alone (`readout`).
+    keep = cloud.token_ids < local.width
+    ids, logprobs = cloud.token_ids[keep], cloud.logprobs[keep]
+    at = local.at(ids)
+    return Candidates(ids, logprobs, fuse(logprobs[None], at[1:2], at[0:1], steering)[0])
+
+
 def choose_token(
     cloud: NextTokenLogprobs,
     local: NextTokenScores | None,
     steering: SteeringConfig,
     chooser: TokenChooser,
 ) -> int:
-    """Fuse one step's distributions (local row 0: with context) and pick."""
-    if local is None:
-        index = chooser.choose(cloud.logprobs)
-        return index if cloud.token_ids is None else int(cloud.token_ids[index])
-    if cloud.token_ids is None:
-        logits = local.full()
-        n = min(logits.shape[-1], cloud.logprobs.shape[-1])
-        fused = fuse(cloud.logprobs[None, :n], logits[1:2, :n], logits[0:1, :n], steering)
-        return chooser.choose(fused[0])
-    # `fuse_top_k` over the k tokens, whose local logits are read out alone (`readout`).
-    keep = cloud.token_ids < local.width
-    ids, logprobs = cloud.token_ids[keep], cloud.logprobs[keep]
-    at = local.at(ids)
-    fused = fuse(logprobs[None], at[1:2], at[0:1], steering)
-    return int(ids[chooser.choose(fused[0])])
+    """Fuse one step's distributions and pick."""
+    options = candidates(cloud, local, steering)
+    return options.token(chooser.choose(options.fused))
 
 
 async def steer(
@@ -82,6 +115,7 @@ async def steer(
     pipelined: bool = True,
     scope: Scope = None,
     prefill_bucket_s: float = 0.0,
+    lookahead: int = 0,
 ) -> AsyncGenerator[int, None]:
     """Yield chosen token ids, one per step, up to ``max_new_tokens``.
 
@@ -92,6 +126,8 @@ async def steer(
     ``prefill_bucket_s``: the first step goes to the cloud only at a whole multiple of
     this many seconds after the session was opened, so the cloud cannot time the
     private prefill (its length, a prefix-cache hit) to finer than the bucket.
+    ``lookahead``: draft up to this many tokens per round where the session can
+    (`rounds`); 0, or a session that cannot draft, steps one token per request.
     """
     opened_at = time.monotonic()
     remote_open = asyncio.ensure_future(clock.remote(remote.open_session(prompts.public_ids)))
@@ -107,8 +143,29 @@ async def steer(
         if _succeeded(remote_open):
             session = remote_open.result()[0]  # opened: close it however the rest goes
         session, cloud = remote_open.result()
+        clock.round_trips += 1
         branches, local_scores = local_open.result() if local_open else (None, None)
         position = len(prompts.public_ids)
+        if lookahead > 0 and isinstance(session, DraftingSession):
+            from costeer_sdk.rounds import rounds  # it builds on this module
+
+            async def before_request() -> None:
+                nonlocal masked
+                if not masked:
+                    await _wait_for_bucket(opened_at, prefill_bucket_s)
+                    masked = True
+
+            tokens = rounds(
+                session, local if branches is not None else None, branches,
+                (cloud, local_scores), position, steering, chooser, max_new_tokens, clock,
+                lookahead, before_request,
+            )  # fmt: skip
+            try:
+                async for token in tokens:
+                    yield token
+            finally:
+                await tokens.aclose()
+            return
         for step in range(max_new_tokens):
             started = time.perf_counter()
             token = choose_token(cloud, local_scores, steering, chooser)
@@ -119,6 +176,7 @@ async def steer(
             if not masked:
                 await _wait_for_bucket(opened_at, prefill_bucket_s)
                 masked = True
+            clock.round_trips += 1
             remote_step = clock.remote(session.advance(token, position))
             if branches is None or local is None:
                 cloud = await remote_step

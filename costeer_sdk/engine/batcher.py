@@ -96,6 +96,25 @@ class StepBatcher:
         """The sequence is over: passes stop waiting for it."""
         self._steps.forget(state)
 
+    async def extend(
+        self, state: KVState, tokens: Sequence[int], *, all_logits: bool = True
+    ) -> list[NextTokenScores]:
+        """Append several tokens to every row of ``state`` in one pass (a drafted
+        continuation to verify); return the scores after each of them, in order.
+
+        Such a pass runs on its own: other sequences' steps are not waited for, and
+        they stop waiting for this one (it rejoins them at its next `step`)."""
+        if not tokens:
+            raise ValueError("extend needs at least one token")
+        self._steps.forget(state)
+        return await self.model.run(self._extend, state, list(tokens), all_logits)
+
+    async def crop(self, state: KVState, drop: int) -> None:
+        """Remove the last ``drop`` positions from every row (drafted tokens that were
+        not accepted)."""
+        if drop > 0:
+            await self.model.run(self._crop, state, drop)
+
     async def _run_steps(
         self, items: list[tuple[KVState, tuple[int, bool]]]
     ) -> list[NextTokenScores]:
@@ -114,9 +133,11 @@ class StepBatcher:
         positions: torch.Tensor,
         cache: DynamicCache,
         decoder: torch.nn.Module | None = None,
+        keep: int | None = None,
     ) -> torch.Tensor:
         """One forward pass extending ``cache``: float32 logits of the last position, or
-        with ``decoder`` (the model without its output layer) its last hidden state."""
+        with ``decoder`` (the model without its output layer) its last hidden state;
+        with ``keep``, those of the last ``keep`` positions (``[rows, keep, ...]``)."""
         module = decoder or self.model.model
         inputs: dict[str, Any] = {
             "input_ids": ids,
@@ -126,8 +147,39 @@ class StepBatcher:
             "use_cache": True,
         }
         if decoder is not None:
-            return decoder(**inputs).last_hidden_state[:, -1]
-        return self.model.model(**inputs, logits_to_keep=1).logits[:, -1].float()
+            hidden = decoder(**inputs).last_hidden_state
+            return hidden[:, -1] if keep is None else hidden[:, -keep:]
+        logits = self.model.model(**inputs, logits_to_keep=keep or 1).logits
+        return (logits[:, -1] if keep is None else logits[:, -keep:]).float()
+
+    def _extend(self, state: KVState, tokens: list[int], all_logits: bool) -> list[NextTokenScores]:
+        if state.batch is not None:  # it stepped with others until now
+            split(state.batch)
+        readout = None if all_logits else self._partial_readout
+        decoder = readout[0] if readout is not None else None
+        rows, n = state.attention_mask.shape[0], len(tokens)
+        device = self.model.device
+        ids = torch.tensor([tokens] * rows, device=device)
+        length = state.attention_mask.shape[-1]
+        mask = torch.cat([state.attention_mask, state.attention_mask.new_ones((rows, n))], -1)
+        positions = state.next_positions + torch.arange(n, device=device)
+        try:
+            out = self._forward(ids, mask, positions, state.cache, decoder, keep=n)
+        except BaseException:
+            truncate(state.cache, length)
+            raise
+        state.attention_mask, state.next_positions = mask, state.next_positions + n
+        if readout is None:
+            return [NextTokenScores(logits=out[:, i]) for i in range(n)]
+        return [NextTokenScores(hidden=out[:, i], head=readout[1]) for i in range(n)]
+
+    def _crop(self, state: KVState, drop: int) -> None:
+        if state.batch is not None:
+            split(state.batch)
+        length = state.attention_mask.shape[-1] - drop
+        truncate(state.cache, length)
+        state.attention_mask = state.attention_mask[:, :length]
+        state.next_positions = state.next_positions - drop
 
     def _step_many(self, items: list[tuple[KVState, tuple[int, bool]]]) -> list[NextTokenScores]:
         states = [s for s, _ in items]

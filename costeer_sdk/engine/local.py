@@ -78,6 +78,17 @@ class LocalModel:
         then skips most of the projection onto the vocabulary (`readout`)."""
         return await self.batcher.step(branches, token_id, all_logits=all_logits)
 
+    async def extend(
+        self, branches: BranchPair, tokens: Sequence[int], *, all_logits: bool = True
+    ) -> list[NextTokenScores]:
+        """Append several tokens to both branches in one pass (a drafted continuation to
+        verify); return the scores after each of them."""
+        return await self.batcher.extend(branches, tokens, all_logits=all_logits)
+
+    async def crop(self, branches: BranchPair, drop: int) -> None:
+        """Forget the last ``drop`` tokens of both branches (drafts not accepted)."""
+        await self.batcher.crop(branches, drop)
+
     def release(self, branches: BranchPair) -> None:
         """The generation that `open` returned ``branches`` for is over."""
         self.batcher.release(branches)

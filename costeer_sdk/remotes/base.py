@@ -9,7 +9,7 @@ local logits.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -67,6 +67,63 @@ class RemoteSession(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Drafted:
+    """One position of a drafted continuation: the cloud's distribution there, and the
+    token it drew from it (None where the draft ends: the cap was reached, and ``next``
+    is the distribution after the last drafted token)."""
+
+    next: NextTokenLogprobs
+    token: int | None
+
+
+@dataclass(frozen=True)
+class DraftSampling:
+    """How the cloud draws drafted tokens, so the device can tell the distribution ``q``
+    each was drawn from (speculative sampling needs it): greedy below `GREEDY_BELOW`,
+    else softmax(log-probs / temperature) over the distribution's support (its top-k)."""
+
+    temperature: float = 0.0
+    seed: int | None = None
+
+
+GREEDY_BELOW = 1e-4
+"""Temperatures below this choose greedily, on the device and in drafts alike: dividing
+log-probs by less overflows float32."""
+
+
+def draw(dist: NextTokenLogprobs, sampling: DraftSampling, generator: torch.Generator) -> int:
+    """The token the cloud drafts from ``dist``: the rule `DraftSampling` describes."""
+    if sampling.temperature < GREEDY_BELOW:
+        index = int(torch.argmax(dist.logprobs))
+    else:
+        probs = torch.softmax(dist.logprobs.float() / sampling.temperature, dim=-1)
+        index = int(torch.multinomial(probs, 1, generator=generator))
+    return index if dist.token_ids is None else int(dist.token_ids[index])
+
+
+@runtime_checkable
+class DraftingSession(RemoteSession, Protocol):
+    """A session that can run ahead: one request appends the decided tokens and streams
+    the cloud's own continuation, each drafted token with the distribution it was drawn
+    from (multi-token rounds, `scheduler`)."""
+
+    def draft(
+        self,
+        position: int,
+        append: Sequence[int],
+        max_tokens: int,
+        sampling: DraftSampling,
+    ) -> AsyncGenerator[Drafted, None]:
+        """Cut the session back to ``position`` tokens (dropping drafts the device did
+        not accept), append ``append``, then yield the distribution at the next position
+        with the token drawn from it, up to ``max_tokens`` drafted tokens, and last the
+        distribution after the last one (``token=None``); a drafted end-of-turn token
+        ends the stream. Closing the iterator stops the cloud. Repeating a call with the
+        same arguments gives the same session state (it cuts back first)."""
+        ...
 
 
 @runtime_checkable

@@ -11,6 +11,8 @@ this client cannot use); an error status as the `RemoteStatusError` subclass for
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncGenerator
 from typing import Any, Self, TypeVar
 
 import httpx
@@ -196,6 +198,34 @@ class HTTPRemote:
             raise RemoteUnavailable(
                 f"{self.base_url} did not answer after {self.retries + 1} attempts: {exc}"
             ) from exc
+
+    async def _lines(self, path: str, json: Any) -> AsyncGenerator[str, None]:
+        """POST ``json`` and yield the answer's lines as they arrive (a streamed round).
+        Connection failures before the first line are retried like any call; after it,
+        the caller has acted on the lines and must decide (RemoteUnavailable). Closing
+        the generator closes the response, which tells the server to stop."""
+        for attempt in range(self.retries + 1):
+            started = False
+            try:
+                async with self._client.stream("POST", path, json=json) as response:
+                    if response.status_code >= 400:
+                        await response.aread()
+                        if response.status_code < 500 or attempt == self.retries:
+                            raise self._error(response)
+                    else:
+                        async for line in response.aiter_lines():
+                            if line.strip():
+                                started = True
+                                yield line
+                        return
+            except (httpx.TimeoutException, httpx.TransportError) as exc:
+                if started or attempt == self.retries:
+                    raise RemoteUnavailable(
+                        f"{self.base_url}{path} failed{' mid-stream' if started else ''}: "
+                        f"{type(exc).__name__}: {exc}"
+                    ) from exc
+                log.info("remote.retry", path=path, error=type(exc).__name__)
+            await asyncio.sleep(min(2.0, self.backoff_s * 2**attempt))
 
     async def aclose(self) -> None:
         await self._client.aclose()

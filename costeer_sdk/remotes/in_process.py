@@ -4,7 +4,7 @@ the embedded default cloud side, and the engine behind `costeer serve`."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import AsyncGenerator, Sequence
 
 import torch
 
@@ -13,7 +13,14 @@ from costeer_sdk.engine.kv_cache import KVState
 from costeer_sdk.engine.prefixes import PrefixCache
 from costeer_sdk.engine.runtime import LoadedModel
 from costeer_sdk.errors import ConfigurationError, RemoteProtocolError
-from costeer_sdk.remotes.base import DEFAULT_TOP_K, NextTokenLogprobs, RemoteInfo
+from costeer_sdk.remotes.base import (
+    DEFAULT_TOP_K,
+    Drafted,
+    DraftSampling,
+    NextTokenLogprobs,
+    RemoteInfo,
+    draw,
+)
 
 
 class InProcessRemote:
@@ -84,6 +91,7 @@ class InProcessSession:
         if any(not 0 <= t < vocab for t in prompt_ids):
             raise RemoteProtocolError(f"prompt token ids must lie in the vocabulary [0, {vocab})")
         self._batcher = remote.batcher
+        self._eos = remote.model.eos_token_ids
         self._vocab = vocab
         self._top_k = top_k
         self._tokens = prompt_ids
@@ -137,6 +145,46 @@ class InProcessSession:
         self._last = self._distribution(scores.full()[0])
         self._tokens.append(token_id)
         return self._last
+
+    async def draft(
+        self,
+        position: int,
+        append: Sequence[int],
+        max_tokens: int,
+        sampling: DraftSampling,
+    ) -> AsyncGenerator[Drafted, None]:
+        """`DraftingSession.draft`: each drafted token is one step through the shared
+        batcher (so drafts of concurrent sessions share passes), each step atomic as
+        `advance`'s are; a closed iterator leaves the session at the last whole step."""
+        if self._state is None:
+            raise RemoteProtocolError("the session is closed")
+        if not 1 <= position <= len(self._tokens) or max_tokens < 0:
+            raise RemoteProtocolError(
+                f"cannot draft from position {position} of a session of {len(self._tokens)}"
+            )
+        pending = self._pending
+        if pending is not None and not pending[2].done():
+            await asyncio.wait([pending[2]])
+        append = list(append)
+        if not append:  # the distribution at ``position`` is needed: recompute its last step
+            position, append = position - 1, [self._tokens[position - 1]]
+        if position < len(self._tokens):
+            await self._batcher.crop(self._state, len(self._tokens) - position)
+            del self._tokens[position:]
+            self._last = None
+        dist = self._last
+        for token in append:
+            dist = await self.advance(token, len(self._tokens))
+        assert dist is not None
+        generator = torch.Generator()
+        generator.manual_seed(sampling.seed if sampling.seed is not None else len(self._tokens))
+        for _ in range(max_tokens):
+            token = draw(dist, sampling, generator)
+            yield Drafted(dist, token)
+            if token in self._eos:
+                return
+            dist = await self.advance(token, len(self._tokens))
+        yield Drafted(dist, None)
 
     def _distribution(self, logits: torch.Tensor) -> NextTokenLogprobs:
         logprobs = torch.log_softmax(logits, dim=-1)

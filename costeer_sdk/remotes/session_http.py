@@ -8,8 +8,9 @@ fills. Steps of generations sharing this remote that arrive together go out as o
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
-from collections.abc import Coroutine, Sequence
+from collections.abc import AsyncGenerator, Coroutine, Sequence
 from typing import Any
 
 from costeer_sdk.errors import (
@@ -20,12 +21,20 @@ from costeer_sdk.errors import (
 )
 from costeer_sdk.gathering import Gatherer
 from costeer_sdk.logs import get_logger
-from costeer_sdk.remotes.base import DEFAULT_TOP_K, NextTokenLogprobs, RemoteInfo
+from costeer_sdk.remotes.base import (
+    DEFAULT_TOP_K,
+    Drafted,
+    DraftSampling,
+    NextTokenLogprobs,
+    RemoteInfo,
+)
 from costeer_sdk.remotes.http import STATUS_ERRORS, HTTPRemote, parse
 from costeer_sdk.remotes.wire import (
+    DraftLine,
     Encoding,
     Info,
     SessionAdvance,
+    SessionDraft,
     SessionState,
     SessionStep,
     StepBatch,
@@ -168,6 +177,26 @@ class HTTPSession:
         step = SessionAdvance(position=position, token_id=token_id)
         return await self.remote._steps.submit(self, step)
 
+    async def draft(
+        self, position: int, append: Sequence[int], max_tokens: int, sampling: DraftSampling
+    ) -> AsyncGenerator[Drafted, None]:
+        """`DraftingSession.draft` over ``POST /v1/sessions/{id}/draft`` (NDJSON)."""
+        self.remote._steps.forget(self)  # no step of ours comes while a round runs
+        body = SessionDraft(
+            position=position,
+            append=list(append),
+            max_tokens=max_tokens,
+            temperature=sampling.temperature,
+            seed=sampling.seed,
+        )
+        path = f"/v1/sessions/{self.session_id}/draft"
+        lines = self.remote._lines(path, body.model_dump())
+        try:
+            async for line in lines:
+                yield _drafted(line, path)
+        finally:
+            await lines.aclose()
+
     async def close(self) -> None:
         """One quick attempt, so that ending a generation (or `PersonalLLM.aclose`) is
         never held up; if it fails, the remote retries in the background."""
@@ -178,6 +207,15 @@ class HTTPSession:
         except (RemoteUnavailable, RemoteProtocolError) as exc:
             log.info("remote.close_retried", error=str(exc))
             self.remote._in_background(self.remote._delete(path))
+
+
+def _drafted(line: str, path: str) -> Drafted:
+    try:
+        payload = json.loads(line)
+    except ValueError as exc:
+        raise RemoteProtocolError(f"{path} streamed a line that is not JSON") from exc
+    parsed = parse(DraftLine, payload, path)
+    return Drafted(decode(parsed.next), parsed.token)
 
 
 def _next_after(state: SessionState, step: SessionAdvance) -> NextTokenLogprobs:

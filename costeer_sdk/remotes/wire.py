@@ -47,6 +47,26 @@ class SessionAdvance(BaseModel):
     token_id: int = Field(ge=0)
 
 
+class SessionDraft(BaseModel):
+    """A multi-token round (`DraftingSession.draft`): cut back to ``position``, append,
+    and stream up to ``max_tokens`` drafted tokens, one `DraftLine` per line (NDJSON)."""
+
+    model_config = ConfigDict(extra="forbid")
+    position: int = Field(ge=1)
+    append: list[int] = Field(default_factory=list, max_length=1024)
+    max_tokens: int = Field(ge=0, le=1024)
+    temperature: float = Field(default=0.0, ge=0.0, le=10.0)
+    seed: int | None = None
+
+
+class DraftLine(BaseModel):
+    """One drafted position: the distribution there and the token drawn from it (None
+    on the last line of a draft that reached its cap)."""
+
+    next: Distribution
+    token: int | None
+
+
 class SessionState(BaseModel):
     session_id: str
     position: int = Field(description="tokens the session holds; the next advance fills it")

@@ -18,11 +18,12 @@ import asyncio
 import secrets
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import torch
 from fastapi import Depends, FastAPI, Header, HTTPException, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -30,12 +31,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from costeer_sdk.engine.runtime import LoadedModel
 from costeer_sdk.errors import ConfigurationError, RemoteProtocolError
 from costeer_sdk.logs import get_logger
+from costeer_sdk.remotes.base import DraftSampling
 from costeer_sdk.remotes.in_process import InProcessRemote, InProcessSession
 from costeer_sdk.remotes.wire import (
+    DraftLine,
     Encoding,
     Info,
     SessionAdvance,
     SessionCreate,
+    SessionDraft,
     SessionState,
     StepBatch,
     StepError,
@@ -257,6 +261,36 @@ def create_app(
         state = await apply(session_id, body)
         await asyncio.sleep(step_delay_s)
         return state
+
+    @app.post("/v1/sessions/{session_id}/draft", dependencies=[Depends(authorize)])
+    async def draft(session_id: str, body: SessionDraft) -> StreamingResponse:
+        """A multi-token round: the session is cut back to ``position``, the tokens of
+        ``append`` are appended, and the model's own continuation streams back as NDJSON
+        (`DraftLine`), each drafted token as soon as it is computed. A client that closes
+        the response stops the drafting at the next token; the session keeps what was
+        appended and drafted so far, and the next round cuts it back where it needs."""
+        session = await find(session_id)
+        if body.position + len(body.append) + body.max_tokens >= model.window:
+            raise HTTPException(422, "the round would pass the model's window")
+        if not 1 <= body.position <= session.inner.length:
+            raise HTTPException(409, f"position {body.position} is not in the session")
+        sampling = DraftSampling(body.temperature, body.seed)
+
+        async def lines() -> AsyncIterator[bytes]:
+            await asyncio.sleep(step_delay_s)
+            async with session.lock:
+                drafted = session.inner.draft(body.position, body.append, body.max_tokens, sampling)
+                try:
+                    async for item in drafted:
+                        session.last_used = time.monotonic()
+                        line = DraftLine(
+                            next=encode_dist(item.next, session.encoding), token=item.token
+                        )
+                        yield line.model_dump_json().encode() + b"\n"
+                finally:
+                    await drafted.aclose()
+
+        return StreamingResponse(lines(), media_type="application/x-ndjson")
 
     @app.post("/v1/steps", dependencies=[Depends(authorize)])
     async def steps(body: StepBatch) -> StepResults:
