@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,13 @@ from costeer_sdk.evaluation import (
     score,
 )
 from costeer_sdk.evaluation.metrics import meteor_available
-from costeer_sdk.evaluation.report import compare
+from costeer_sdk.evaluation.report import (
+    METRIC_TITLES,
+    chart_figure,
+    compare,
+    paired_intervals,
+    write_report,
+)
 from costeer_sdk.memory import SQLiteMemoryStore
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -150,6 +157,60 @@ def test_paired_comparison_with_bootstrap_interval() -> None:
     assert cloud["ci_low"] == pytest.approx(0.1) and cloud["wins"] == 10
     assert local["mean_diff"] == pytest.approx(0.0, abs=1e-9)
     assert local["ci_low"] < 0 < local["ci_high"] and local["wins"] == local["losses"] == 5
+
+
+def test_chart_plots_the_tables_paired_intervals(tmp_path: Path) -> None:
+    import matplotlib.pyplot as plt
+    from matplotlib.collections import LineCollection
+    from matplotlib.colors import to_rgba
+
+    def row(i: int, method: str, rouge: float) -> dict:
+        metrics = {"rouge1": rouge, "rougeL": rouge / 2, "words": 10.0 + i}
+        return {"id": f"e{i}", "method": method, "metrics": metrics, "elapsed_s": 1.0}
+
+    rows = [row(i, "costeer", 0.3 + 0.02 * i) for i in range(12)]
+    rows += [row(i, "cloud", 0.2 + 0.02 * i + 0.01 * (i % 3)) for i in range(12)]  # lower
+    rows += [row(i, "local_ctx", 0.3 + 0.02 * i + (0.05 if i % 2 else -0.05)) for i in range(12)]
+    rows += [row(i, "cloud_ctx", 0.4 + 0.02 * i - 0.01 * (i % 4)) for i in range(12)]  # higher
+    table = write_report(tmp_path, rows, "chart")
+    assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # The intervals as results.md prints them ...
+    printed = {}
+    for line in (tmp_path / "results.md").read_text().splitlines():
+        found = re.match(r"\| (\w+) \| ([^|]+) \| \d+ \| (\S+) \| \[(\S+), (\S+)\]", line)
+        if found:
+            printed[(found[1], found[2])] = tuple(float(x) for x in found.groups()[2:])
+    # ... are the ones the chart plots,
+    panels = paired_intervals(compare(rows))
+    plotted = {
+        (versus, METRIC_TITLES[metric]): (mean, low, high)
+        for metric, intervals in panels.items()
+        for versus, mean, low, high in intervals
+    }
+    assert len(printed) == 6 and plotted.keys() == printed.keys()
+    for key, values in printed.items():
+        assert plotted[key] == pytest.approx(values, abs=5e-5)
+    # ... and the figure draws exactly those, beside a zero line, coloured by sign.
+    fig = chart_figure(table, compare(rows), ["rouge1", "rougeL", "words"], "chart")
+    assert len(fig.axes) == 6  # means on top, differences below
+    colors = {"cloud": "#2ca02c", "local_ctx": "#7f7f7f", "cloud_ctx": "#d62728"}
+    for ax, metric in zip(fig.axes[3:5], ("rouge1", "rougeL"), strict=True):
+        (bars,) = [c for c in ax.collections if isinstance(c, LineCollection)]
+        labels = {
+            y: t.get_text() for y, t in zip(ax.get_yticks(), ax.get_yticklabels(), strict=True)
+        }
+        drawn = {
+            labels[seg[0][1]]: (seg[0][0], seg[1][0], tuple(color))
+            for seg, color in zip(bars.get_segments(), bars.get_colors(), strict=True)
+        }
+        assert drawn == {
+            f"vs {versus}": (low, high, to_rgba(colors[versus]))
+            for versus, _, low, high in panels[metric]
+        }
+        assert any(list(line.get_xdata()) == [0.0, 0.0] for line in ax.lines)
+    assert not fig.axes[5].axison  # no pairing for word counts
+    plt.close(fig)
 
 
 def lines(path: Path) -> list[dict]:

@@ -1,8 +1,10 @@
-"""The results table (Markdown and CSV) and a bar chart, from ``generations.jsonl``.
+"""The results table (Markdown and CSV) and a chart, from ``generations.jsonl``.
 
 Means alone cannot say whether CoSteer beats a baseline on 20 examples, so the report
 also pairs every method with CoSteer example by example: the mean difference with a
-95% bootstrap interval, and how often CoSteer wins, ties and loses.
+95% bootstrap interval, and how often CoSteer wins, ties and loses. The chart shows
+those intervals against a zero line under the means, so a reader of the picture alone
+does not take a gap between two bars for a difference.
 """
 
 from __future__ import annotations
@@ -11,10 +13,13 @@ import csv
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from costeer_sdk.evaluation.runner import METHODS
 from costeer_sdk.extras import require
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 METRIC_ORDER = ("rouge1", "rougeL", "meteor", "copy8", "words", "distinct2", "uplifting")
 QUALITY_METRICS = ("rouge1", "rougeL", "meteor")
@@ -147,27 +152,90 @@ def write_report(out: Path, rows: Sequence[dict[str, Any]], title: str) -> list[
     ]
     if table and "meteor" not in columns and any("rouge1" in line for line in table):
         lines.append("METEOR is absent: WordNet is not installed here (scripts/wordnet.sh).")
-    lines += _paired_lines(compare(rows), "costeer")
+    pairs = compare(rows)
+    lines += _paired_lines(pairs, "costeer")
     (out / "results.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    _chart(out / "results.png", table, [c for c in columns if c in METRIC_ORDER], title)
+    _chart(out / "results.png", table, pairs, [c for c in columns if c in METRIC_ORDER], title)
     return table
 
 
-def _chart(path: Path, table: Sequence[dict[str, Any]], metrics: list[str], title: str) -> None:
-    matplotlib = require("matplotlib", "eval", "costeer eval's chart")
+def paired_intervals(
+    pairs: Sequence[dict[str, Any]],
+) -> dict[str, list[tuple[str, float, float, float]]]:
+    """What the chart's lower row plots, per quality metric: ``(versus, mean difference,
+    interval low, interval high)`` for each method CoSteer was paired with, straight from
+    `compare`'s rows, the ones ``results.md`` prints, so picture and table cannot differ."""
+    panels: dict[str, list[tuple[str, float, float, float]]] = {}
+    for metric in QUALITY_METRICS:
+        mine = [p for p in pairs if p["metric"] == metric]
+        if mine:
+            panels[metric] = [
+                (p["versus"], p["mean_diff"], p["ci_low"], p["ci_high"]) for p in mine
+            ]
+    return panels
 
+
+def chart_figure(
+    table: Sequence[dict[str, Any]],
+    pairs: Sequence[dict[str, Any]],
+    metrics: Sequence[str],
+    title: str,
+    target: str = "costeer",
+) -> Figure:
+    """The chart: the means per metric (top row) and, under each quality metric, the
+    paired differences with their 95% intervals and a zero line (bottom row): green when
+    the interval is above 0, red when below, grey when it includes 0."""
+    matplotlib = require("matplotlib", "eval", "costeer eval's chart")
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    if not table or not metrics:
-        return
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.4), squeeze=False)
+    panels = paired_intervals(pairs)
+    rows = 2 if any(m in panels for m in metrics) else 1
+    fig, axes = plt.subplots(
+        rows, len(metrics), figsize=(3.2 * len(metrics), 3.4 * rows), squeeze=False
+    )
     methods = [line["method"] for line in table]
-    for ax, metric in zip(axes[0], metrics, strict=True):
+    for column, metric in enumerate(metrics):
+        ax = axes[0][column]
         ax.bar(methods, [line.get(metric, 0.0) for line in table], color="#4c72b0")
         ax.set_title(METRIC_TITLES[metric], fontsize=10)
         ax.tick_params(axis="x", labelrotation=45, labelsize=8)
+        if rows == 1:
+            continue
+        ax = axes[1][column]
+        if metric not in panels:
+            ax.axis("off")
+            continue
+        intervals = panels[metric]
+        ys = list(range(len(intervals)))[::-1]  # first method on top
+        colors = [
+            "#2ca02c" if low > 0 else "#d62728" if high < 0 else "#7f7f7f"
+            for _, _, low, high in intervals
+        ]
+        ax.axvline(0.0, color="black", linewidth=0.8, linestyle="--")
+        ax.hlines(ys, [i[2] for i in intervals], [i[3] for i in intervals], colors=colors)
+        ax.scatter([i[1] for i in intervals], ys, c=colors, zorder=3)
+        ax.set_yticks(ys, [f"vs {i[0]}" for i in intervals], fontsize=8)
+        ax.set_ylim(-0.7, len(intervals) - 0.3)
+        ax.set_title(f"{target} minus method, 95% CI", fontsize=9)
+        ax.tick_params(axis="x", labelsize=8)
     fig.suptitle(title)
     fig.tight_layout()
+    return fig
+
+
+def _chart(
+    path: Path,
+    table: Sequence[dict[str, Any]],
+    pairs: Sequence[dict[str, Any]],
+    metrics: list[str],
+    title: str,
+) -> None:
+    if not table or not metrics:
+        require("matplotlib", "eval", "costeer eval's chart")
+        return
+    fig = chart_figure(table, pairs, metrics, title)
+    import matplotlib.pyplot as plt  # chart_figure has checked the extra is installed
+
     fig.savefig(path, dpi=100)
     plt.close(fig)
