@@ -4,11 +4,13 @@ from costeer_sdk.evaluation.metrics import copies_history, score
 from costeer_sdk.evaluation.report import summarize, write_report
 from costeer_sdk.evaluation.runner import METHODS, Evaluator, RunLog, RunSettings
 from costeer_sdk.evaluation.tasks import (
+    LONGLAMP_FORMATS,
     PREFERENCE_ATTRIBUTES,
     TASK_NAMES,
     CoGenesis,
     Example,
     LongLaMP,
+    LongLaMPFormat,
     LongLaMPLeaveOneOut,
     Preference,
     Task,
@@ -16,6 +18,7 @@ from costeer_sdk.evaluation.tasks import (
 )
 
 __all__ = [
+    "LONGLAMP_FORMATS",
     "METHODS",
     "PREFERENCE_ATTRIBUTES",
     "TASK_NAMES",
@@ -23,6 +26,7 @@ __all__ = [
     "Evaluator",
     "Example",
     "LongLaMP",
+    "LongLaMPFormat",
     "LongLaMPLeaveOneOut",
     "Preference",
     "RunLog",

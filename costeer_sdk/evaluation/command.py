@@ -21,7 +21,18 @@ _DEFAULTS = SteeringConfig()
 @click.option(
     "--task",
     required=True,
-    type=click.Choice(["cogenesis", "longlamp", "longlamp-loo", "preference"]),
+    type=click.Choice(
+        [
+            "cogenesis",
+            "longlamp",
+            "longlamp-loo",
+            "longlamp-abstract",
+            "longlamp-abstract-loo",
+            "longlamp-topic",
+            "longlamp-topic-loo",
+            "preference",
+        ]
+    ),
     help="Dataset format and evaluation form.",
 )
 @click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
