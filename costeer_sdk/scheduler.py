@@ -22,9 +22,12 @@ from costeer_sdk.engine.local import BranchPair, LocalModel
 from costeer_sdk.engine.prefixes import Scope
 from costeer_sdk.engine.readout import NextTokenScores
 from costeer_sdk.fusion import SteeringConfig, fuse
+from costeer_sdk.logs import get_logger
 from costeer_sdk.remotes.base import DraftingSession, NextTokenLogprobs, Remote, RemoteSession
 
 T = TypeVar("T")
+
+log = get_logger(__name__)
 
 
 @dataclass
@@ -146,6 +149,8 @@ async def steer(
         clock.round_trips += 1
         branches, local_scores = local_open.result() if local_open else (None, None)
         position = len(prompts.public_ids)
+        if lookahead > 0 and not isinstance(session, DraftingSession):
+            log.info("rounds.unsupported", remote=type(session).__name__)  # one per token
         if lookahead > 0 and isinstance(session, DraftingSession):
             from costeer_sdk.rounds import rounds  # it builds on this module
 

@@ -21,6 +21,7 @@ from costeer_sdk import (
     PersonalLLM,
     RemoteProtocolError,
 )
+from costeer_sdk.engine.local import LocalModel
 from costeer_sdk.remotes.openai import OpenAICompatibleRemote, _parse_completions
 from costeer_sdk.server.app import create_app
 from costeer_sdk.server.completions import TextPieces
@@ -72,6 +73,27 @@ async def test_steering_over_top_k_completions_matches_in_process(
     )
     assert over_http.token_ids == in_process.token_ids
     await remote.aclose()
+
+
+async def test_rounds_over_the_openai_route_give_the_per_token_output(
+    served: Served, cloud_model: LoadedModel, local_model: LoadedModel
+) -> None:
+    """Fixed-size drafts from /v1/completions (max_tokens = lookahead + 1, top-k at each
+    position): the same greedy tokens as in-process per-token steering, in fewer requests."""
+    for prompt in (PROMPT, "Plan my week."):
+        want = await PersonalLLM(
+            InProcessRemote(cloud_model, top_k=4), LocalModel(local_model, prefix_cache_bytes=0)
+        ).generate(prompt, context=HISTORY, max_new_tokens=20)
+        for context in (HISTORY, None):
+            remote = OpenAICompatibleRemote(served.url, MODEL, api_key="k3y", top_k=4)
+            llm = PersonalLLM(remote, LocalModel(local_model, prefix_cache_bytes=0), lookahead=3)
+            got = await llm.generate(prompt, context=context, max_new_tokens=20)
+            await remote.aclose()
+            if context is not None:
+                assert got.token_ids == want.token_ids
+            else:  # the cloud's own greedy text: every draft kept, 1 + ceil(19 / 4) requests
+                assert got.stats.accepted_tokens == got.stats.drafted_tokens
+                assert got.stats.round_trips == 1 + 5
 
 
 async def test_text_keyed_logprobs_are_refused_clearly(served: Served) -> None:

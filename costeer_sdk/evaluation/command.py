@@ -81,6 +81,13 @@ _DEFAULTS = SteeringConfig()
     "them again: a steering sweep then generates CoSteer alone.",
 )
 @click.option(
+    "--lookahead",
+    default=0,
+    show_default=True,
+    help="Multi-token rounds: the cloud drafts up to this many tokens per request "
+    "(same greedy output, fewer round trips; worth it with --cloud-url across a network).",
+)
+@click.option(
     "--top-k",
     default=DEFAULT_TOP_K,
     show_default=True,
@@ -107,6 +114,7 @@ def eval_command(
     reuse_baselines: Path | None,
     top_k: int,
     dtype: str,
+    lookahead: int,
 ) -> None:
     """Evaluate methods on a task; resumable; writes generations.jsonl and results.*.
 
@@ -168,6 +176,7 @@ def eval_command(
                 steering=steering,
                 top_k=settings.top_k,
                 max_new_tokens=max_new_tokens,
+                lookahead=lookahead,
             )
             wanted = {(e.id, m) for e in examples for m in chosen}
             with tqdm(

@@ -178,6 +178,7 @@ class Evaluator:
         steering: SteeringConfig | None = None,
         top_k: int | None = DEFAULT_TOP_K,
         max_new_tokens: int = 128,
+        lookahead: int = 0,
     ) -> None:
         self.task = task
         self.max_new_tokens = max_new_tokens
@@ -187,7 +188,11 @@ class Evaluator:
         # depend on which rows ran before it in this process (and a resumed run would
         # differ); the examples' histories share little beyond the template's heading.
         self.pair = PersonalLLM(
-            remote, LocalModel(local, prefix_cache_bytes=0), steering, context_template=template
+            remote,
+            LocalModel(local, prefix_cache_bytes=0),
+            steering,
+            context_template=template,
+            lookahead=lookahead,  # rounds: the same greedy output in fewer requests
         )
         self.local_alone = PersonalLLM(
             InProcessRemote(local, top_k=top_k),

@@ -20,14 +20,20 @@ the server (vLLM: ``--max-logprobs``, 20 by default).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any, Literal
 
 import httpx
 import torch
 
 from costeer_sdk.errors import ConfigurationError, RemoteProtocolError
-from costeer_sdk.remotes.base import DEFAULT_TOP_K, NextTokenLogprobs, RemoteInfo
+from costeer_sdk.remotes.base import (
+    DEFAULT_TOP_K,
+    Drafted,
+    DraftSampling,
+    NextTokenLogprobs,
+    RemoteInfo,
+)
 from costeer_sdk.remotes.http import HTTPRemote
 
 Dialect = Literal["completions", "llama.cpp"]
@@ -105,6 +111,31 @@ class OpenAICompatibleRemote(HTTPRemote):
         }
         return _parse_completions(await self._request("POST", "/v1/completions", body))
 
+    async def continuation(
+        self, ids: Sequence[int], n: int, temperature: float
+    ) -> list[tuple[NextTokenLogprobs, int]]:
+        """Up to ``n`` tokens the engine generates after ``ids``, each with the top-k
+        log-probs at its position: one request (a fixed-size draft; fewer if the engine
+        ends its turn)."""
+        if self.dialect == "llama.cpp":
+            body: dict[str, Any] = {
+                "prompt": list(ids),
+                "n_predict": n,
+                "n_probs": self.top_k,
+                "temperature": temperature,
+                "cache_prompt": True,
+            }
+            return _parse_llama_cpp_all(await self._request("POST", "/completion", body))
+        body = {
+            "model": self.model,
+            "prompt": list(ids),
+            "max_tokens": n,
+            "logprobs": self.top_k,
+            "temperature": temperature,
+            "return_tokens_as_token_ids": True,
+        }
+        return _parse_completions_all(await self._request("POST", "/v1/completions", body))
+
     async def open_session(
         self, prompt_ids: Sequence[int]
     ) -> tuple[StatelessSession, NextTokenLogprobs]:
@@ -127,6 +158,26 @@ class StatelessSession:
                 )
             self.ids.append(token_id)
         return await self.remote.next_token(self.ids)
+
+    async def draft(
+        self, position: int, append: Sequence[int], max_tokens: int, sampling: DraftSampling
+    ) -> AsyncGenerator[Drafted, None]:
+        """`DraftingSession.draft` as one completion request of ``max_tokens + 1``
+        tokens (the last position's distribution is what a fully kept draft needs). Not
+        streamed: OpenAI-compatible engines stream text chunks, and a fixed-size draft
+        costs one round trip all the same. The sampling rule must match `draw`'s: greedy
+        exactly; with a temperature, engines sample over their whole vocabulary, so q is
+        approximated by the top-k the engine returns."""
+        if not 1 <= position <= len(self.ids):
+            raise RemoteProtocolError(f"cannot draft from position {position}")
+        self.ids = self.ids[:position] + list(append)
+        positions = await self.remote.continuation(self.ids, max_tokens + 1, sampling.temperature)
+        drafted = [token for _, token in positions[:max_tokens]]
+        self.ids = self.ids + drafted  # the next round cuts back to what was kept
+        for i, (dist, token) in enumerate(positions):
+            yield Drafted(dist, token if i < max_tokens else None)
+            if i >= max_tokens:
+                return
 
     async def close(self) -> None:
         """Nothing is held on the server."""
@@ -162,6 +213,31 @@ def _parse_completions(payload: Any) -> NextTokenLogprobs:
         except (TypeError, ValueError) as exc:
             raise RemoteProtocolError(f"malformed top_logprobs entry {key!r}: {value!r}") from exc
     return _top(pairs)
+
+
+def _parse_completions_all(payload: Any) -> list[tuple[NextTokenLogprobs, int]]:
+    try:
+        logprobs = payload["choices"][0]["logprobs"]
+        tokens, tops = logprobs["tokens"], logprobs["top_logprobs"]
+    except (KeyError, IndexError, TypeError) as exc:
+        raise RemoteProtocolError(f"no choices[0].logprobs in the answer ({exc!r})") from exc
+    out = []
+    for token, top in zip(tokens, tops, strict=False):
+        one = {"choices": [{"logprobs": {"top_logprobs": [top]}}]}
+        if not isinstance(token, str) or not token.startswith("token_id:"):
+            raise RemoteProtocolError(f"generated token {token!r} is not keyed by id")
+        out.append((_parse_completions(one), int(token.removeprefix("token_id:"))))
+    return out
+
+
+def _parse_llama_cpp_all(payload: Any) -> list[tuple[NextTokenLogprobs, int]]:
+    try:
+        positions = payload["completion_probabilities"]
+        return [
+            (_parse_llama_cpp({"completion_probabilities": [p]}), int(p["id"])) for p in positions
+        ]
+    except (KeyError, IndexError, TypeError, ValueError) as exc:
+        raise RemoteProtocolError(f"malformed completion_probabilities ({exc!r})") from exc
 
 
 def _parse_llama_cpp(payload: Any) -> NextTokenLogprobs:

@@ -110,6 +110,9 @@ class ChatCoSteer(BaseChatModel):
     """Steer over the cloud's top-k tokens (None: the whole vocabulary, in-process only)."""
     steering: SteeringConfig | None = None
     """CoSteer hyperparameters; the paper's by default."""
+    lookahead: int = 0
+    """Multi-token rounds: the cloud drafts up to this many tokens per request and the
+    device verifies them (`PersonalLLM`'s option; the same greedy output)."""
     prefill_bucket_s: float = 0.0
     """Hide how long the device's private prefill took from the cloud, to this many
     seconds (`PersonalLLM`'s option; 0: off). Kept prefixes are always per user here:
@@ -190,7 +193,7 @@ class ChatCoSteer(BaseChatModel):
         secret = self.api_key.get_secret_value() if self.api_key else None
         return (self.model, self.local_model, self.remote_api, self.remote_model, secret,
                 self.top_k, self.timeout, self.max_retries, self.memory_path,
-                self.prefill_bucket_s)  # fmt: skip
+                self.prefill_bucket_s, self.lookahead)  # fmt: skip
 
     async def _engine(self) -> PersonalLLM:
         """The PersonalLLM for these settings (built once per process, on the loop)."""
@@ -218,6 +221,7 @@ class ChatCoSteer(BaseChatModel):
             return await asyncio.to_thread(
                 PersonalLLM.from_models, self.model, self.local_model, top_k=self.top_k,
                 progress=False, memory=memory, prefill_bucket_s=self.prefill_bucket_s,
+                lookahead=self.lookahead,
             )  # fmt: skip
         from costeer_sdk.engine.local import LocalModel
 
@@ -241,7 +245,13 @@ class ChatCoSteer(BaseChatModel):
                 **options,
             )  # fmt: skip
         local = await asyncio.to_thread(LocalModel.from_spec, self.local_model)
-        llm = PersonalLLM(remote, local, memory=memory, prefill_bucket_s=self.prefill_bucket_s)
+        llm = PersonalLLM(
+            remote,
+            local,
+            memory=memory,
+            prefill_bucket_s=self.prefill_bucket_s,
+            lookahead=self.lookahead,
+        )
         llm._owns_remote = True  # built here from the settings: closed with the engine
         return llm
 
