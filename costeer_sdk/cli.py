@@ -9,7 +9,7 @@ import shutil
 import textwrap
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TextIO, TypeVar
+from typing import TextIO, TypeVar, cast
 
 import click
 
@@ -101,6 +101,103 @@ def serve(
         step_delay_s=step_delay,
         dtype=dtype,
         prefix_cache_bytes=prefix_cache_mb << 20,
+    )
+
+
+@main.command()
+@click.option(
+    "--cloud",
+    default=DEFAULT_CLOUD,
+    show_default=True,
+    help="The cloud: a URL (http://...) or a model spec loaded in this process.",
+)
+@click.option(
+    "--cloud-api",
+    type=click.Choice(["costeer", "openai", "llama.cpp"]),
+    default="costeer",
+    show_default=True,
+    help="Protocol of a --cloud URL: costeer serve, vLLM-style /v1/completions, llama-server.",
+)
+@click.option(
+    "--cloud-model", default=None, help="The model name an OpenAI-compatible cloud serves."
+)
+@click.option("--cloud-key", default=None, envvar="COSTEER_CLOUD_API_KEY", help="The cloud's key.")
+@click.option(
+    "--local", "local_", default=DEFAULT_LOCAL, show_default=True, help="Local model spec."
+)
+@click.option(
+    "--memory",
+    "memory_db",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="The users' memory (default: $COSTEER_MEMORY_DB or the user data dir, as costeer memory).",
+)
+@click.option("--user", default=None, help="Serve this one user, with no API key.")
+@click.option(
+    "--keys",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help='JSON file {"API_KEY": "USER_ID", ...}: each key is one user.',
+)
+@click.option("--remember", is_flag=True, help="Save each user turn to the user's memory.")
+@click.option("--memory-k", default=5, show_default=True, help="Records retrieved per request.")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8100, show_default=True)
+@click.option("--model-name", default="costeer", show_default=True, help="Listed in /v1/models.")
+@click.option("--max-tokens", default=512, show_default=True, help="For requests naming none.")
+@click.option("--top-k", default=20, show_default=True, help="Cloud log-probs steered per token.")
+@click.option(
+    "--prefill-bucket",
+    default=0.0,
+    show_default=True,
+    help="Hide the private prefill's time from the cloud in buckets of this many seconds.",
+)
+@DTYPE
+def proxy(
+    cloud: str,
+    cloud_api: str,
+    cloud_model: str | None,
+    cloud_key: str | None,
+    local_: str,
+    memory_db: Path | None,
+    user: str | None,
+    keys: Path | None,
+    remember: bool,
+    memory_k: int,
+    host: str,
+    port: int,
+    model_name: str,
+    max_tokens: int,
+    top_k: int,
+    prefill_bucket: float,
+    dtype: str,
+) -> None:
+    """Serve the OpenAI API on this device, every answer personalized (docs/guides/proxy.md)."""
+    from costeer_sdk.errors import ConfigurationError
+    from costeer_sdk.proxy.app import serve as run_proxy
+    from costeer_sdk.proxy.cloud import Cloud, CloudAPI
+    from costeer_sdk.proxy.users import Users
+
+    if (user is None) == (keys is None):
+        raise click.UsageError("give --user ID (one user, no key) or --keys FILE")
+    try:
+        users = Users.from_file(keys) if keys is not None else Users(single=user)
+    except ConfigurationError as exc:
+        raise click.ClickException(str(exc)) from exc
+    api = cast("CloudAPI", cloud_api)
+    settings = Cloud(cloud, local_, api, cloud_model, cloud_key, top_k, dtype)
+    click.echo(f"costeer proxy: http://{host}:{port}/v1 (model {model_name!r})", err=True)
+    run_proxy(
+        settings,
+        users,
+        memory_path=memory_db or default_memory_path(),
+        memory_k=memory_k,
+        remember=remember,
+        host=host,
+        port=port,
+        model_name=model_name,
+        default_max_tokens=max_tokens,
+        prefill_bucket_s=prefill_bucket,
     )
 
 
