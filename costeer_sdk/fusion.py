@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,32 @@ __all__ = [
 ]
 
 
+GateMode = Literal["paper", "resume", "step"]
+
+
+@dataclass(frozen=True)
+class Gate:
+    """When the device may skip its pass because the cloud is confident (uncertainty
+    ``1 - max p_cloud`` under ``threshold``), `gating`: ``"paper"`` switches steering
+    off after ``patience`` confident steps in a row (the paper: 0.1, 3); ``"resume"``
+    switches it back on at the next uncertain step; ``"step"`` skips confident steps
+    one by one."""
+
+    mode: GateMode = "paper"
+    threshold: float = 0.1
+    patience: int = 3
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("paper", "resume", "step"):
+            raise ConfigurationError(f"gate mode must be paper, resume or step: {self.mode!r}")
+        if not (isinstance(self.threshold, int | float) and 0 <= self.threshold <= 1):
+            raise ConfigurationError(f"gate threshold must be in [0, 1], got {self.threshold!r}")
+        if isinstance(self.patience, bool) or not isinstance(self.patience, int):
+            raise ConfigurationError(f"gate patience must be an int, got {self.patience!r}")
+        if self.patience < 1:
+            raise ConfigurationError(f"gate patience must be >= 1, got {self.patience}")
+
+
 @dataclass(frozen=True)
 class SteeringConfig:
     """Hyperparameters of the CoSteer update; defaults are the paper's.
@@ -45,6 +72,8 @@ class SteeringConfig:
         beta: weight of the local personal delta in the utility (>= 0; 0 disables steering).
         player_lambda: strength of the pull back to the cloud policy (> 0).
         eta: learning rate of the proximal term (> 0).
+        gate: skip the device's passes where the cloud is confident (`Gate`); None
+            steers every token.
     """
 
     iterations: int = 20
@@ -52,8 +81,11 @@ class SteeringConfig:
     beta: float = 1.0
     player_lambda: float = 2.0
     eta: float = 10.0
+    gate: Gate | None = None
 
     def __post_init__(self) -> None:
+        if self.gate is not None and not isinstance(self.gate, Gate):
+            raise ConfigurationError(f"gate must be a Gate or None, got {self.gate!r}")
         if isinstance(self.iterations, bool) or not isinstance(self.iterations, int):
             raise ConfigurationError(f"iterations must be an int, got {self.iterations!r}")
         if self.iterations < 1:

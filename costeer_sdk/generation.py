@@ -85,6 +85,8 @@ class Progress:
             round_trips=clock.round_trips,
             drafted_tokens=clock.drafted,
             accepted_tokens=clock.accepted,
+            local_passes=clock.local_passes,
+            unsteered_steps=clock.skipped_passes,
         )
         text = self.text
         return Generation(text.text, list(text.token_ids), finish, self.steered, stats)

@@ -18,7 +18,9 @@ class GenerationStats:
     together their sum exceeds ``elapsed_s``. ``round_trips`` counts requests to the
     cloud (the open, then one per token, or one per round with ``lookahead``);
     ``drafted_tokens`` the tokens the cloud ran ahead with, ``accepted_tokens`` those
-    kept.
+    kept. ``local_passes`` counts the device's forward passes after its prefill (what a
+    confidence gate saves), ``unsteered_steps`` the steps a gate took on the cloud alone
+    (a pass started before the cloud turned out confident still counts as a pass).
     """
 
     steps: int
@@ -34,6 +36,8 @@ class GenerationStats:
     round_trips: int = 0
     drafted_tokens: int = 0
     accepted_tokens: int = 0
+    local_passes: int = 0
+    unsteered_steps: int = 0
 
     @property
     def tokens_per_s(self) -> float:

@@ -118,6 +118,7 @@ async def rounds(
         if local is not None and branches is not None and pending:
             for _ in range(8):  # the request goes out before the device takes the core
                 await asyncio.sleep(0)
+            clock.local_passes += 1
             opening = asyncio.ensure_future(
                 clock.local(local.extend(branches, pending, all_logits=all_logits))
             )
@@ -141,6 +142,7 @@ async def rounds(
                         scores.append(None)
                         continue
                     new = arrivals.tokens(fed)
+                    clock.local_passes += 1
                     scores += await clock.local(local.extend(branches, new, all_logits=all_logits))
                     fed += len(new)
                 options = candidates(item.next, scores[accepted], steering)

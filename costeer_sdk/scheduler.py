@@ -42,6 +42,8 @@ class StepClock:
     round_trips: int = 0
     drafted: int = 0
     accepted: int = 0
+    local_passes: int = 0  # the device's passes after its prefill
+    skipped_passes: int = 0  # steps taken on the cloud alone (`gating`)
 
     async def remote(self, call: Awaitable[T]) -> T:
         return await self._timed(call, "remote_s")
@@ -149,6 +151,21 @@ async def steer(
         clock.round_trips += 1
         branches, local_scores = local_open.result() if local_open else (None, None)
         position = len(prompts.public_ids)
+        if steering.gate is not None and branches is not None and local is not None:
+            from costeer_sdk.gating import gated  # it builds on this module
+
+            if lookahead > 0:
+                log.info("gating.per_token", reason="gating steps token by token")
+            tokens = gated(
+                session, local, branches, (cloud, local_scores), position,  # type: ignore[arg-type]
+                steering, chooser, max_new_tokens, clock,
+            )  # fmt: skip
+            try:
+                async for token in tokens:
+                    yield token
+            finally:
+                await tokens.aclose()
+            return
         if lookahead > 0 and not isinstance(session, DraftingSession):
             log.info("rounds.unsupported", remote=type(session).__name__)  # one per token
         if lookahead > 0 and isinstance(session, DraftingSession):
@@ -192,6 +209,7 @@ async def steer(
             all_logits = not cloud.is_top_k
             if not pipelined:
                 cloud = await remote_step
+                clock.local_passes += 1
                 local_scores = await clock.local(
                     local.advance(branches, token, all_logits=all_logits)
                 )
@@ -199,6 +217,7 @@ async def steer(
                 remote_task = asyncio.ensure_future(remote_step)
                 try:
                     await _give_turns(remote_task)
+                    clock.local_passes += 1
                     local_step = clock.local(local.advance(branches, token, all_logits=all_logits))
                     cloud, local_scores = await asyncio.gather(remote_task, local_step)
                 except BaseException:

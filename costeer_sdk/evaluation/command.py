@@ -11,7 +11,7 @@ import click
 
 from costeer_sdk.builtins import DEFAULT_CLOUD, DEFAULT_LOCAL
 from costeer_sdk.cli_options import DTYPE
-from costeer_sdk.fusion import SteeringConfig
+from costeer_sdk.fusion import Gate, SteeringConfig
 from costeer_sdk.remotes.base import DEFAULT_TOP_K, Remote
 
 _DEFAULTS = SteeringConfig()
@@ -81,6 +81,15 @@ _DEFAULTS = SteeringConfig()
     "them again: a steering sweep then generates CoSteer alone.",
 )
 @click.option(
+    "--gate",
+    type=click.Choice(["none", "paper", "resume", "step"]),
+    default="none",
+    show_default=True,
+    help="Skip the device's passes where the cloud is confident (AdaCoSteer; see gating).",
+)
+@click.option("--gate-threshold", default=0.1, show_default=True, help="Uncertainty 1 - max p.")
+@click.option("--gate-patience", default=3, show_default=True, help="Confident steps in a row.")
+@click.option(
     "--lookahead",
     default=0,
     show_default=True,
@@ -115,6 +124,9 @@ def eval_command(
     top_k: int,
     dtype: str,
     lookahead: int,
+    gate: str,
+    gate_threshold: float,
+    gate_patience: int,
 ) -> None:
     """Evaluate methods on a task; resumable; writes generations.jsonl and results.*.
 
@@ -131,7 +143,10 @@ def eval_command(
     from costeer_sdk.memory import SQLiteMemoryStore
 
     try:
-        steering = SteeringConfig(iterations, alpha, beta, player_lambda, eta)
+        gating = (
+            None if gate == "none" else Gate(gate, gate_threshold, gate_patience)  # type: ignore[arg-type]
+        )
+        steering = SteeringConfig(iterations, alpha, beta, player_lambda, eta, gating)
         chosen = check_methods([m.strip() for m in methods.split(",") if m.strip()])
         if limit < 1:
             raise ConfigurationError("--limit must be >= 1")

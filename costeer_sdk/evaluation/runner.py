@@ -28,7 +28,7 @@ from costeer_sdk.engine.runtime import LoadedModel
 from costeer_sdk.errors import ConfigurationError, GenerationInterrupted
 from costeer_sdk.evaluation.metrics import score
 from costeer_sdk.evaluation.tasks import Example, Task
-from costeer_sdk.fusion import DEFAULT_TOP_K, SteeringConfig
+from costeer_sdk.fusion import DEFAULT_TOP_K, Gate, SteeringConfig
 from costeer_sdk.logs import get_logger
 from costeer_sdk.remotes.base import Remote
 from costeer_sdk.remotes.in_process import InProcessRemote
@@ -60,7 +60,10 @@ class RunSettings:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RunSettings:
-        return cls(**{**data, "steering": SteeringConfig(**data["steering"])})
+        steering = dict(data["steering"])
+        if steering.get("gate"):
+            steering["gate"] = Gate(**steering["gate"])
+        return cls(**{**data, "steering": SteeringConfig(**steering)})
 
 
 def _normalised(recorded: dict[str, Any]) -> dict[str, Any]:
@@ -225,6 +228,9 @@ class Evaluator:
                 tokens=len(out.token_ids),
                 elapsed_s=round(out.stats.elapsed_s, 3),
                 records_used=out.stats.context_records_used,
+                local_passes=out.stats.local_passes,  # the device's work (gating saves it)
+                unsteered_steps=out.stats.unsteered_steps,
+                round_trips=out.stats.round_trips,
             )
         row["metrics"] = score(row["text"], example.reference, history, example.query)
         return row
