@@ -49,9 +49,7 @@ _SCALARS = {"top_k", "encoding", "position", "session_id", "max_tokens", "temper
 def _ids_of(message: dict[str, Any], where: str) -> list[int]:
     ids: list[int] = []
     for key, value in message.items():
-        if key == "prompt_ids":
-            ids.extend(int(t) for t in value)
-        elif key == "append":  # a multi-token round's decided tokens
+        if key == "prompt_ids" or key == "append":
             ids.extend(int(t) for t in value)
         elif key == "token_id":
             ids.append(int(value))
