@@ -55,3 +55,10 @@ def test_assistant_remembers_across_sessions(model_dirs: list[str], tmp_path: Pa
     assert "2 memories of 'me' in" in second
     used = int(re.search(r"\[memories used: (\d+)\]", second).group(1))  # type: ignore[union-attr]
     assert used >= 1  # the dog's name, remembered from the earlier session
+
+
+def test_proxy_client(model_dirs: list[str]) -> None:
+    cloud, local = model_dirs
+    out = run("proxy_client.py", "--cloud", cloud, "--local", local, "--max-new-tokens", "6")
+    assert "steering with 3 notes of 'me'" in out and "answer: " in out
+    assert "completion_tokens=" in out and "streamed pieces" in out

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -530,3 +532,15 @@ def test_cli_needs_a_user_or_keys(tmp_path: Path) -> None:
     assert neither.exit_code == 2 and "--user" in neither.output
     refused = runner.invoke(cli, ["proxy", "--keys", str(bad)])
     assert refused.exit_code == 1 and "JSON object" in refused.output
+
+
+def test_a_missing_serve_extra_is_one_line() -> None:
+    """Catches the proxy importing FastAPI before saying which extra it needs."""
+    code = (
+        "import sys; sys.modules['fastapi'] = None\n"
+        "from costeer_sdk.cli import main\n"
+        "main(['proxy', '--user', 'me'])"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "pip install 'costeer-sdk[serve]'" in done.stderr
