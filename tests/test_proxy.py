@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 import subprocess
 import sys
 import time
@@ -519,6 +520,39 @@ async def test_a_client_leaving_mid_stream_frees_the_cloud_session_at_once(
             assert sessions_of(cloud) == 0 and time.monotonic() - gave_up < 0.5
     finally:
         proxy.stop()
+
+
+async def test_cloud_failures_are_openai_errors_before_and_during_a_stream(
+    cloud: Served, local_model: LoadedModel, db: Path
+) -> None:
+    """Catches a failing cloud surfacing as a FastAPI 500 traceback, a stream that
+    just stops (or ends with [DONE] as if complete) when the cloud fails mid-answer."""
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    down = Proxy(SessionRemote(dead, retries=0), local_model, db, Users(KEYS))
+    try:
+        for stream in (False, True):
+            body = {"messages": CHAT, "max_tokens": 4, "stream": stream}
+            r = httpx.post(down.url + "/chat/completions", json=body, headers=AUTH["alice"])
+            assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_error"
+            assert r.json()["error"]["type"] == "api_error"
+    finally:
+        down.stop()
+    garbage = Recording(fail={6: "garbage"})  # a step's answer, a few tokens in
+    flaky = Proxy(SessionRemote(cloud.url, transport=garbage), local_model, db, Users(KEYS))
+    try:
+        stream = flaky.client().chat.completions.create(
+            model="costeer", messages=CHAT, max_tokens=40, temperature=0, stream=True
+        )
+        pieces = []
+        with pytest.raises(openai.APIError, match="cloud model failed"):
+            for chunk in stream:
+                pieces.append(chunk.choices[0].delta.content)
+        assert len(pieces) >= 2  # the role, then text: the failure came mid-stream
+    finally:
+        flaky.stop()
+    assert sessions_of(cloud) == 0
 
 
 def test_cli_needs_a_user_or_keys(tmp_path: Path) -> None:

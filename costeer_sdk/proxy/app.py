@@ -23,12 +23,12 @@ from fastapi.responses import StreamingResponse
 
 from costeer_sdk.client import PersonalLLM
 from costeer_sdk.context import query_text
-from costeer_sdk.errors import ConfigurationError, CoSteerError
+from costeer_sdk.errors import ConfigurationError
 from costeer_sdk.generation import GenerateOptions
 from costeer_sdk.logs import get_logger
 from costeer_sdk.memory.personal import personal_context
 from costeer_sdk.proxy.cloud import Cloud
-from costeer_sdk.proxy.errors import OpenAIError, install, of_generation
+from costeer_sdk.proxy.errors import OpenAIError, install, of_failure
 from costeer_sdk.proxy.request import Call, ChatRequest, parse
 from costeer_sdk.proxy.response import DONE, Answer, sse
 from costeer_sdk.proxy.running import Running
@@ -102,7 +102,11 @@ def create_app(
 
     async def answered(user: str, call: Call, generation: Generation) -> None:
         if remember and llm.memory is not None:
-            await llm.memory.add(user, [{"text": call.messages[-1]["content"], "kind": "chat"}])
+            try:
+                turn = call.messages[-1]["content"]
+                await llm.memory.add(user, [{"text": turn, "kind": "chat"}])
+            except Exception as exc:  # the answer stands; say so without the text
+                log.error("proxy.remember_failed", error=type(exc).__name__)
         log.info(
             "proxy.answered",
             finish_reason=generation.finish_reason,
@@ -120,13 +124,12 @@ def create_app(
         try:
             context = await private_context(user, call)
             options: GenerateOptions = {**call.options, "context": context, "user_id": user}
-            stream = llm.stream(call.messages, **options)
-            running = Running(request, stream)
-        except CoSteerError as exc:
-            raise of_generation(exc) from None
+            running = Running(request, llm.stream(call.messages, **options))
+        except Exception as exc:
+            raise of_failure(exc) from None
         answer = Answer(model_name, include_usage=call.include_usage)
         try:
-            await running.started()
+            await running.started()  # a failure before the first piece is still a status
             if call.stream:
                 return StreamingResponse(
                     events(running, answer, user, call),
@@ -137,14 +140,14 @@ def create_app(
                 pass
             generation = await running.result()
         except asyncio.CancelledError:
+            running.cancel()
             if running.gone:
                 return Response(status_code=CLIENT_GONE)
             raise
-        except CoSteerError as exc:
-            raise of_generation(exc) from None
-        finally:
-            if not call.stream:
-                running.cancel()
+        except Exception as exc:
+            running.cancel()
+            raise of_failure(exc) from None
+        running.cancel()  # the watch on the connection
         await answered(user, call, generation)
         return answer.completion(generation)
 
@@ -162,8 +165,8 @@ def create_app(
             if running.gone:
                 return
             raise
-        except CoSteerError as exc:
-            yield sse(of_generation(exc).body())
+        except Exception as exc:
+            yield sse(of_failure(exc).body())
             return
         finally:
             running.cancel()

@@ -19,7 +19,6 @@ from starlette.exceptions import HTTPException
 from costeer_sdk.errors import (
     ClientClosedError,
     ConfigurationError,
-    CoSteerError,
     GenerationInterrupted,
     RateLimitError,
     RemoteError,
@@ -66,9 +65,12 @@ class OpenAIError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
-def of_generation(exc: BaseException) -> OpenAIError:
-    """What a failed generation is answered with. Remote errors come from the cloud,
-    which only ever saw the public conversation, so their text may pass."""
+def of_failure(exc: BaseException) -> OpenAIError:
+    """What a failed request is answered with. Remote errors come from the cloud, which
+    only ever saw the public conversation, so their text may pass; anything unexpected
+    is answered and logged by its type alone."""
+    if isinstance(exc, OpenAIError):
+        return exc
     if isinstance(exc, ConfigurationError):  # bad settings: the window, max_tokens
         return OpenAIError(400, str(exc))
     if isinstance(exc, RateLimitError):
@@ -78,7 +80,8 @@ def of_generation(exc: BaseException) -> OpenAIError:
     cause = exc.__cause__ if isinstance(exc, GenerationInterrupted) else exc
     if isinstance(cause, RemoteError):
         return OpenAIError(502, f"the cloud model failed: {cause}", code="upstream_error")
-    log.debug("proxy.failed", error=repr(exc))
+    log.error("proxy.failed", error=type(cause).__name__)
+    log.debug("proxy.failed_detail", error=repr(exc))
     return OpenAIError(500, f"the generation failed ({type(cause).__name__})")
 
 
@@ -108,12 +111,6 @@ def install(app: FastAPI) -> None:
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         return OpenAIError(exc.status_code, str(exc.detail)).response()
 
-    @app.exception_handler(CoSteerError)
-    async def costeer_error(request: Request, exc: CoSteerError) -> JSONResponse:
-        return of_generation(exc).response()
-
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.error("proxy.error", error=type(exc).__name__)
-        log.debug("proxy.error_detail", error=repr(exc))
-        return OpenAIError(500, f"internal error ({type(exc).__name__})").response()
+        return of_failure(exc).response()  # the routes convert theirs; this is a backstop
