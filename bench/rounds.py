@@ -121,8 +121,18 @@ async def main() -> None:
                         (seconds, len(ids), requests, drafted, accepted, local_s)
                     ):
                         row[i] += v
-                if len({tuple(v) for v in outputs.values()}) != 1:
-                    print(f"note: modes differ on {query[:40]!r}", file=sys.stderr)
+                first = outputs[args.modes[0]]
+                for mode, ids in outputs.items():
+                    if ids != first:
+                        at = next(
+                            (i for i, (a, b) in enumerate(zip(ids, first, strict=False)) if a != b),
+                            min(len(ids), len(first)),
+                        )
+                        print(
+                            f"note: {mode} differs from {args.modes[0]} at token {at} on "
+                            f"{query[:40]!r}",
+                            file=sys.stderr,
+                        )
         finally:
             server.kill()
             server.wait()
