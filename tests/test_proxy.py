@@ -31,6 +31,7 @@ from costeer_sdk.context import PromptBuilder
 from costeer_sdk.memory import SQLiteMemoryStore
 from costeer_sdk.privacy import check_sent_ids, sent_token_ids
 from costeer_sdk.proxy.app import create_app
+from costeer_sdk.proxy.cloud import Cloud
 from costeer_sdk.proxy.users import Users
 from costeer_sdk.remotes.base import Remote
 from costeer_sdk.remotes.session_http import SessionRemote
@@ -553,6 +554,75 @@ async def test_cloud_failures_are_openai_errors_before_and_during_a_stream(
     finally:
         flaky.stop()
     assert sessions_of(cloud) == 0
+
+
+async def test_concurrent_requests_each_get_their_own_answer(
+    proxy: Proxy, direct: PersonalLLM
+) -> None:
+    """Catches state shared between requests (a chunk id, a queue, a user) when several
+    run at once on the one `PersonalLLM`."""
+    asks = [("key-alice", "alice", 10), ("key-bob", "bob", 12), ("key-alice", "alice", 14)] * 2
+    want = [
+        (await direct.generate(CHAT, user_id=user, max_new_tokens=n)).text for _, user, n in asks
+    ]
+    clients = {key: openai.AsyncOpenAI(base_url=proxy.url, api_key=key) for key in KEYS}
+
+    async def ask(key: str, n: int, stream: bool) -> tuple[str, set[str]]:
+        common: dict[str, Any] = {"model": "costeer", "messages": CHAT, "temperature": 0}
+        if not stream:
+            got = await clients[key].chat.completions.create(**common, max_tokens=n)
+            return got.choices[0].message.content or "", {got.id}
+        chunks = [
+            c
+            async for c in await clients[key].chat.completions.create(
+                **common, max_tokens=n, stream=True
+            )
+        ]
+        return "".join(c.choices[0].delta.content or "" for c in chunks), {c.id for c in chunks}
+
+    got = await asyncio.gather(*(ask(k, n, i % 2 == 0) for i, (k, _, n) in enumerate(asks)))
+    assert [text for text, _ in got] == want
+    ids = [i for _, ids in got for i in ids]
+    assert len(ids) == len(asks) == len(set(ids))  # one id per answer, none shared
+    for client in clients.values():
+        await client.close()
+
+
+@pytest.mark.parametrize("api", ["costeer", "openai"])
+async def test_the_cloud_over_each_protocol(
+    api: str, cloud: Served, model_dirs: list[str], cloud_model: LoadedModel, db: Path
+) -> None:
+    """Catches `--cloud URL --cloud-api ...` wired to the wrong remote: the proxy built
+    from the command line's settings answers through `costeer serve`'s session
+    protocol and through its OpenAI-compatible /v1/completions."""
+    store = SQLiteMemoryStore(db)
+    settings = Cloud(cloud.url, model_dirs[1], api, "tiny-cloud")  # type: ignore[arg-type]
+    llm, remote = settings.build(store)
+    kind = {"costeer": "SessionRemote", "openai": "OpenAICompatibleRemote"}[api]
+    assert type(remote).__name__ == kind
+
+    async def close() -> None:  # in the server's event loop, where they were used
+        await llm.aclose()
+        await remote.aclose()  # type: ignore[union-attr]
+        await store.aclose()
+
+    served = Served(create_app(llm, Users(single="alice"), on_shutdown=close))
+    try:
+        client = openai.OpenAI(base_url=served.url + "/v1", api_key="unused")
+        got = client.chat.completions.create(
+            model="costeer", messages=CHAT, max_tokens=6, temperature=0
+        )
+    finally:
+        served.stop()
+    assert got.choices[0].message.content and got.usage is not None
+    direct_store = SQLiteMemoryStore(db)
+    want = await PersonalLLM(
+        InProcessRemote(cloud_model), twin(llm.local.model), memory=direct_store
+    ).generate(CHAT, user_id="alice", max_new_tokens=6)
+    await direct_store.aclose()
+    assert got.usage.prompt_tokens == want.stats.prompt_tokens
+    if api == "costeer":
+        assert got.choices[0].message.content == want.text
 
 
 def test_cli_needs_a_user_or_keys(tmp_path: Path) -> None:
