@@ -30,10 +30,17 @@ from costeer_sdk.engine.local import BranchPair, LocalModel
 from costeer_sdk.engine.readout import NextTokenScores
 from costeer_sdk.errors import RemoteProtocolError
 from costeer_sdk.fusion import SteeringConfig
+from costeer_sdk.logs import get_logger
 from costeer_sdk.remotes.base import Drafted, DraftingSession, DraftSampling, NextTokenLogprobs
 from costeer_sdk.scheduler import Candidates, StepClock, candidates
 
-__all__ = ["rounds"]
+__all__ = ["MAX_CUT_OFFS", "rounds"]
+
+log = get_logger(__name__)
+
+MAX_CUT_OFFS = 3
+"""Rounds cut off mid-stream in a row before the generation gives up: a cut-off round is
+resumed from the last verified token (rounds are idempotent: the session cuts back)."""
 
 
 class _Arrivals:
@@ -48,6 +55,10 @@ class _Arrivals:
         self._changed = asyncio.Event()
         self.task = asyncio.ensure_future(self._read())
 
+    @property
+    def failed(self) -> BaseException | None:
+        return self._error
+
     async def _read(self) -> None:
         try:
             async for item in self._stream:
@@ -60,10 +71,12 @@ class _Arrivals:
             self._changed.set()
 
     async def get(self, index: int) -> Drafted | None:
-        """Position ``index`` once it has arrived; None if the stream ended before it."""
+        """Position ``index`` once it has arrived; None if the stream ended before it
+        (cut off after some positions arrived counts as ended: the next round goes on
+        from what was verified). A stream that fails before its first position raises."""
         while len(self.items) <= index:
             if self._done:
-                if self._error is not None:
+                if self._error is not None and not self.items:
                     raise self._error
                 return None
             self._changed.clear()
@@ -107,6 +120,7 @@ async def rounds(
     token = options.token(chooser.choose(options.fused))
     yield token
     emitted, pending = 1, [token]
+    cut_offs = 0  # rounds cut off mid-stream in a row
     while emitted < max_new_tokens:
         cap = min(lookahead, max_new_tokens - emitted - 1)  # the last token comes free
         await before_request()
@@ -133,6 +147,11 @@ async def rounds(
                 if item is None:  # the stream ended early: go on from what was verified
                     if not arrivals.items:
                         raise RemoteProtocolError("the cloud ended a round without an answer")
+                    if arrivals.failed is not None:  # cut off: the next round resumes
+                        cut_offs += 1
+                        log.info("rounds.cut_off", error=type(arrivals.failed).__name__)
+                        if cut_offs > MAX_CUT_OFFS:
+                            raise arrivals.failed
                     break
                 if opening is not None:
                     scores.append((await opening)[-1])
@@ -166,6 +185,8 @@ async def rounds(
             await arrivals.close()
             if opening is not None:
                 opening.cancel()
+        if arrivals.failed is None:
+            cut_offs = 0
         position += len(pending) + accepted
         if local is not None and branches is not None and fed > accepted:
             await clock.local(local.crop(branches, fed - accepted))

@@ -10,7 +10,14 @@ import torch
 from conftest import HISTORY
 from test_http import Recording, Served
 
-from costeer_sdk import InProcessRemote, LoadedModel, PersonalLLM, SessionRemote
+from costeer_sdk import (
+    GenerationInterrupted,
+    InProcessRemote,
+    LoadedModel,
+    PersonalLLM,
+    RemoteUnavailable,
+    SessionRemote,
+)
 from costeer_sdk.decoding import SamplingParams, TokenChooser
 from costeer_sdk.engine.batcher import StepBatcher
 from costeer_sdk.engine.local import LocalModel
@@ -195,3 +202,64 @@ async def test_sampled_rounds_are_distributed_as_per_token_sampling(
         TokenChooser.verify = original  # type: ignore[method-assign]
     assert tv(per_token, rounds) < 0.12
     assert tv(per_token, keep_all) > 0.12
+
+
+class CutOff:
+    """A remote whose first rounds are cut off mid-stream (a dropped connection)."""
+
+    def __init__(self, inner: InProcessRemote, cuts: int, after: int = 2) -> None:
+        self.inner, self.cuts, self.after = inner, cuts, after
+
+    async def describe(self):  # type: ignore[no-untyped-def]
+        return await self.inner.describe()
+
+    async def open_session(self, prompt_ids):  # type: ignore[no-untyped-def]
+        session, first = await self.inner.open_session(prompt_ids)
+        remote = self
+
+        class Session:
+            async def advance(self, token_id: int, position: int):  # type: ignore[no-untyped-def]
+                return await session.advance(token_id, position)
+
+            async def draft(self, position, append, max_tokens, sampling):  # type: ignore[no-untyped-def]
+                n = 0
+                async for item in session.draft(position, append, max_tokens, sampling):
+                    if remote.cuts and n == remote.after:
+                        remote.cuts -= 1
+                        raise RemoteUnavailable("connection dropped mid-stream")
+                    n += 1
+                    yield item
+
+            async def close(self) -> None:
+                await session.close()
+
+        return Session(), first
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_a_round_cut_off_mid_stream_resumes_from_the_verified_tokens(
+    cloud_model: LoadedModel, local_model: LoadedModel
+) -> None:
+    for context in (None, HISTORY):  # without one, every draft is kept: the cuts bite
+        want = await PersonalLLM(InProcessRemote(cloud_model), plain(local_model)).generate(
+            PROMPTS[0], context=context, max_new_tokens=20
+        )
+        remote = CutOff(InProcessRemote(cloud_model), cuts=3)
+        got = await PersonalLLM(remote, plain(local_model), lookahead=4).generate(
+            PROMPTS[0], context=context, max_new_tokens=20
+        )
+        assert got.token_ids == want.token_ids
+        if context is None:
+            assert remote.cuts == 0 and got.stats.round_trips > 1 + 4
+    always = CutOff(InProcessRemote(cloud_model), cuts=100)
+    with pytest.raises(GenerationInterrupted) as info:
+        await PersonalLLM(always, plain(local_model), lookahead=4).generate(
+            PROMPTS[0], max_new_tokens=20
+        )
+    assert isinstance(info.value.__cause__, RemoteUnavailable)
+    cloud_only = await PersonalLLM(InProcessRemote(cloud_model), plain(local_model)).generate(
+        PROMPTS[0], max_new_tokens=20
+    )
+    assert info.value.token_ids == cloud_only.token_ids[: len(info.value.token_ids)]
