@@ -1,7 +1,8 @@
 """What `costeer proxy` adds to a generation: time to first token and tokens/s through
-the proxy (the real ``costeer proxy`` command in its own process, the official
-``openai`` client streaming from it over loopback HTTP) vs `PersonalLLM.stream` called
-directly in this process, same models, memory and settings (greedy).
+the proxy (the real ``costeer proxy`` command in its own process, streaming over
+loopback HTTP, read with plain httpx and with the official ``openai`` client) vs
+`PersonalLLM.stream` called directly in this process, same models, memory and settings
+(greedy).
 
     python bench/proxy.py [--rounds 10] [--tokens 64] [--hidden 256] [--layers 4]
 
@@ -9,7 +10,10 @@ Both sides are random Qwen2 models (tests/tiny.py, saved as model directories) b
 enough that a step costs a few ms, as a small real model's does on a phone-class CPU;
 the cloud runs in process on both paths, so what differs between them is the proxy
 alone: HTTP, JSON, SSE, the per-request memory lookup and the task hand-off, and the
-client parsing the stream. The two paths alternate; medians are reported.
+client parsing the stream. The paths alternate (in turn reversed order, after a pause);
+medians are reported, of wall time and of the generating process's CPU time (this one
+for the direct path, the proxy's for the others; Linux ``/proc``), which a shared
+machine's load disturbs less.
 """
 
 from __future__ import annotations
@@ -35,6 +39,10 @@ from tiny import make_model, make_tokenizer
 
 from costeer_sdk import PersonalLLM
 from costeer_sdk.memory import SQLiteMemoryStore
+
+PAUSE_S = 0.3
+"""Idle time before each run: the process that ran last keeps its OpenMP threads
+spinning for a while after its work, which would slow the next run on the other side."""
 
 CHAT: list[Any] = [{"role": "user", "content": "Write a short review of my new shoes."}]
 RECORDS = [
@@ -177,8 +185,10 @@ async def main() -> None:
                 for run in paths.values():  # warm each path
                     await run(4)
                     await run(4)
-                for _ in range(args.rounds):  # alternate, so drift hits them alike
-                    for name, run in paths.items():
+                for i in range(args.rounds):  # alternate, so drift hits them alike
+                    order = list(paths.items())[:: 1 if i % 2 else -1]  # and none goes first
+                    for name, run in order:
+                        await asyncio.sleep(PAUSE_S)
                         pid = os.getpid() if name == "direct" else proxy.pid
                         before = cpu_s(pid)
                         out = await run(args.tokens)
