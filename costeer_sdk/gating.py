@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 
 import torch
 
@@ -78,6 +78,7 @@ async def gated(
     chooser: TokenChooser,
     max_new_tokens: int,
     clock: StepClock,
+    before_request: Callable[[], Awaitable[None]],
 ) -> AsyncGenerator[int, None]:
     """The per-token loop with the device's passes gated by ``steering.gate``."""
     assert steering.gate is not None
@@ -99,6 +100,7 @@ async def gated(
         yield token
         if step == max_new_tokens - 1:
             return
+        await before_request()  # the prefill bucket, before the first step
         clock.round_trips += 1
         remote_step = asyncio.ensure_future(clock.remote(session.advance(token, position)))
         position += 1

@@ -151,42 +151,40 @@ async def steer(
         clock.round_trips += 1
         branches, local_scores = local_open.result() if local_open else (None, None)
         position = len(prompts.public_ids)
+
+        async def before_request() -> None:
+            """The first request after the open waits out the prefill bucket."""
+            nonlocal masked
+            if not masked:
+                await _wait_for_bucket(opened_at, prefill_bucket_s)
+                masked = True
+
+        loop: AsyncGenerator[int, None] | None = None
         if steering.gate is not None and branches is not None and local is not None:
             from costeer_sdk.gating import gated  # it builds on this module
 
             if lookahead > 0:
                 log.info("gating.per_token", reason="gating steps token by token")
-            tokens = gated(
+            loop = gated(
                 session, local, branches, (cloud, local_scores), position,  # type: ignore[arg-type]
-                steering, chooser, max_new_tokens, clock,
+                steering, chooser, max_new_tokens, clock, before_request,
             )  # fmt: skip
-            try:
-                async for token in tokens:
-                    yield token
-            finally:
-                await tokens.aclose()
-            return
-        if lookahead > 0 and not isinstance(session, DraftingSession):
-            log.info("rounds.unsupported", remote=type(session).__name__)  # one per token
-        if lookahead > 0 and isinstance(session, DraftingSession):
+        elif lookahead > 0 and isinstance(session, DraftingSession):
             from costeer_sdk.rounds import rounds  # it builds on this module
 
-            async def before_request() -> None:
-                nonlocal masked
-                if not masked:
-                    await _wait_for_bucket(opened_at, prefill_bucket_s)
-                    masked = True
-
-            tokens = rounds(
+            loop = rounds(
                 session, local if branches is not None else None, branches,
                 (cloud, local_scores), position, steering, chooser, max_new_tokens, clock,
                 lookahead, before_request,
             )  # fmt: skip
+        elif lookahead > 0:
+            log.info("rounds.unsupported", remote=type(session).__name__)  # one per token
+        if loop is not None:
             try:
-                async for token in tokens:
+                async for token in loop:
                     yield token
             finally:
-                await tokens.aclose()
+                await loop.aclose()
             return
         for step in range(max_new_tokens):
             started = time.perf_counter()
@@ -195,9 +193,7 @@ async def steer(
             yield token
             if step == max_new_tokens - 1:
                 return
-            if not masked:
-                await _wait_for_bucket(opened_at, prefill_bucket_s)
-                masked = True
+            await before_request()
             clock.round_trips += 1
             remote_step = clock.remote(session.advance(token, position))
             if branches is None or local is None:

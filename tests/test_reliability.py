@@ -261,6 +261,12 @@ class Timed:
                 kinds.append("step")
                 return await session.advance(token_id, position)
 
+            async def draft(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+                times.append(time.monotonic())
+                kinds.append("step")
+                async for item in session.draft(*args, **kwargs):
+                    yield item
+
             async def close(self) -> None:
                 await session.close()
 
@@ -349,3 +355,27 @@ async def test_a_failed_create_drops_what_its_key_made(server: Served) -> None:
         await remote.open_session([1, 2, 3])
     await remote.aclose()  # waits for the background drop
     assert sessions_of(server) == 0
+
+
+@pytest.mark.parametrize("variant", ["gated", "rounds"])
+async def test_the_prefill_bucket_holds_with_gating_and_rounds(
+    cloud_model: LoadedModel, local_model: LoadedModel, variant: str
+) -> None:
+    from costeer_sdk.fusion import Gate, SteeringConfig
+
+    bucket = 0.4
+    remote = Timed(InProcessRemote(cloud_model))
+    options: dict[str, object] = (
+        {"steering": SteeringConfig(gate=Gate("step", 0.5))}
+        if variant == "gated"
+        else {"lookahead": 3}
+    )
+    llm = PersonalLLM(
+        remote,
+        LocalModel(local_model, prefix_cache_bytes=0),
+        prefill_bucket_s=bucket,
+        **options,  # type: ignore[arg-type]
+    )
+    out = await llm.generate(PROMPT, context=HISTORY, max_new_tokens=6)
+    assert variant == "gated" or out.stats.drafted_tokens > 0  # rounds did run
+    assert bucket <= remote.times[1] - remote.times[0] < bucket * 1.5
