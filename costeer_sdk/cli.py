@@ -152,6 +152,12 @@ def serve(
     show_default=True,
     help="Hide the private prefill's time from the cloud in buckets of this many seconds.",
 )
+@click.option(
+    "--lookahead",
+    default=0,
+    show_default=True,
+    help="Multi-token rounds: the cloud drafts up to this many tokens per request.",
+)
 @DTYPE
 def proxy(
     cloud: str,
@@ -170,6 +176,7 @@ def proxy(
     max_tokens: int,
     top_k: int,
     prefill_bucket: float,
+    lookahead: int,
     dtype: str,
 ) -> None:
     """Serve the OpenAI API on this device, every answer personalized (docs/guides/proxy.md)."""
@@ -180,12 +187,14 @@ def proxy(
 
     if (user is None) == (keys is None):
         raise click.UsageError("give --user ID (one user, no key) or --keys FILE")
+    if user is not None and host not in ("127.0.0.1", "localhost", "::1"):
+        raise click.UsageError("--user (no API key) serves loopback only; use --keys FILE")
     try:
         users = Users.from_file(keys) if keys is not None else Users(single=user)
     except ConfigurationError as exc:
         raise click.ClickException(str(exc)) from exc
     api = cast("CloudAPI", cloud_api)
-    settings = Cloud(cloud, local_, api, cloud_model, cloud_key, top_k, dtype)
+    settings = Cloud(cloud, local_, api, cloud_model, cloud_key, top_k, dtype, lookahead)
     click.echo(f"costeer proxy: http://{host}:{port}/v1 (model {model_name!r})", err=True)
     run_proxy(
         settings,

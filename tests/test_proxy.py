@@ -648,3 +648,62 @@ def test_a_missing_serve_extra_is_one_line() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert "pip install 'costeer-sdk[serve]'" in done.stderr
+
+
+async def test_sampling_settings_reach_the_generation(proxy: Proxy, direct: PersonalLLM) -> None:
+    """Catches a proxy that drops temperature, top_p or seed: a sampled answer equals
+    `PersonalLLM.generate` with the same settings and seed, and repeats."""
+    want = await direct.generate(
+        CHAT, user_id="alice", max_new_tokens=12, temperature=0.8, top_p=0.9, seed=7
+    )
+    greedy = await direct.generate(CHAT, user_id="alice", max_new_tokens=12)
+    assert want.token_ids != greedy.token_ids  # the settings matter here
+    answers = [
+        proxy.client()
+        .chat.completions.create(
+            model="costeer", messages=CHAT, max_tokens=12, temperature=0.8, top_p=0.9, seed=7
+        )
+        .choices[0]
+        .message.content
+        for _ in range(2)
+    ]
+    assert answers == [want.text, want.text]
+
+
+def test_a_foreign_host_header_is_refused(proxy: Proxy) -> None:
+    """DNS rebinding: a page on evil.example resolving to 127.0.0.1 sends its own Host;
+    the proxy answers only loopback names."""
+    import httpx
+
+    evil = httpx.post(
+        proxy.url + "/chat/completions",
+        json={"model": "costeer", "messages": CHAT, "max_tokens": 2},
+        headers={"Host": "evil.example", "Authorization": "Bearer key-alice"},
+    )
+    assert evil.status_code == 400
+    fine = httpx.get(proxy.url + "/models", headers={"Authorization": "Bearer key-alice"})
+    assert fine.status_code == 200
+
+
+def test_a_keyless_proxy_serves_loopback_only(tmp_path: Path) -> None:
+    refused = CliRunner().invoke(cli, ["proxy", "--user", "a", "--host", "0.0.0.0"])
+    assert refused.exit_code == 2 and "--keys" in refused.output
+
+
+async def test_rounds_through_the_proxy_answer_the_same(
+    cloud: Served, model_dirs: list[str], db: Path
+) -> None:
+    """`--lookahead` reaches the generation: the same greedy answer in fewer requests."""
+    answers, trips = [], []
+    for lookahead in (0, 3):
+        store = SQLiteMemoryStore(db)
+        settings = Cloud(cloud.url, model_dirs[1], "costeer", "tiny-cloud", lookahead=lookahead)
+        llm, remote = settings.build(store)
+        assert llm.lookahead == lookahead
+        out = await llm.generate(CHAT, user_id="alice", max_new_tokens=12)
+        answers.append(out.token_ids)
+        trips.append(out.stats.round_trips)
+        await llm.aclose()
+        await remote.aclose()  # type: ignore[union-attr]
+        await store.aclose()
+    assert answers[0] == answers[1] and trips[1] < trips[0]

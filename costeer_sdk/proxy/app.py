@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI, Header, Request, Response
 from fastapi.responses import StreamingResponse
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from costeer_sdk.client import PersonalLLM
 from costeer_sdk.context import query_text
@@ -37,6 +38,8 @@ from costeer_sdk.results import Generation
 
 log = get_logger(__name__)
 
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1", "[::1]")
+
 CLIENT_GONE = 499  # nginx's status for a client that closed before the answer
 
 
@@ -48,11 +51,15 @@ def create_app(
     remember: bool = False,
     default_max_tokens: int = 512,
     on_shutdown: Callable[[], Awaitable[None]] | None = None,
+    allowed_hosts: Sequence[str] = LOOPBACK_HOSTS,
 ) -> FastAPI:
     """The ASGI app answering with ``llm`` (its ``memory`` is the users' store).
 
     ``default_max_tokens`` bounds an answer whose request names no ``max_tokens``;
     ``on_shutdown`` runs when the server stops (closing what `serve` built).
+    ``allowed_hosts``: the ``Host`` headers answered. Without this check a web page whose
+    domain is made to resolve to 127.0.0.1 (DNS rebinding) could use a keyless proxy as
+    its own origin and read answers steered by the user's history.
     """
     if remember and llm.memory is None:
         raise ConfigurationError("remember needs the PersonalLLM's memory store")
@@ -69,6 +76,7 @@ def create_app(
         description="OpenAI-compatible chat completions, personalized on the device.",
         lifespan=lifespan,
     )
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
     install(app)
     app.state.llm = llm
 
@@ -211,5 +219,6 @@ def serve(
         remember=remember,
         default_max_tokens=default_max_tokens,
         on_shutdown=close,
+        allowed_hosts=(*LOOPBACK_HOSTS, host),
     )
     uvicorn.run(app, host=host, port=port, log_level="warning")

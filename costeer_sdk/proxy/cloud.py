@@ -52,13 +52,19 @@ class Cloud:
     api_key: str | None = field(default=None, repr=False)
     top_k: int = DEFAULT_TOP_K
     dtype: torch.dtype | str = "auto"
+    lookahead: int = 0  # multi-token rounds (`PersonalLLM`'s option)
 
     def build(
         self, memory: MemoryStore, *, memory_k: int = 5, prefill_bucket_s: float = 0.0
     ) -> tuple[PersonalLLM, Remote | None]:
         """The `PersonalLLM`, and the network remote it was given (the caller closes
         it after the `PersonalLLM`; None when the cloud runs in process)."""
-        options = {"memory": memory, "memory_k": memory_k, "prefill_bucket_s": prefill_bucket_s}
+        options = {
+            "memory": memory,
+            "memory_k": memory_k,
+            "prefill_bucket_s": prefill_bucket_s,
+            "lookahead": self.lookahead,
+        }
         if not is_url(self.cloud):
             llm = PersonalLLM.from_models(
                 self.cloud,
