@@ -8,9 +8,10 @@ the step costs about max(remote, local) rather than their sum.
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import time
-from collections.abc import AsyncGenerator, Awaitable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -48,13 +49,15 @@ class StepClock:
     async def remote(self, call: Awaitable[T]) -> T:
         return await self._timed(call, "remote_s")
 
-    async def local(self, call: Awaitable[T]) -> T:
+    async def local(self, call: Awaitable[T] | Callable[[], Awaitable[T]]) -> T:
+        """Time ``call``; given as a function, it is only called once this runs (a step
+        cancelled before its pass starts then leaves no un-awaited coroutine behind)."""
         return await self._timed(call, "local_s")
 
-    async def _timed(self, call: Awaitable[T], total: str) -> T:
+    async def _timed(self, call: Awaitable[T] | Callable[[], Awaitable[T]], total: str) -> T:
         start = time.perf_counter()
         try:
-            return await call
+            return await (call() if callable(call) else call)
         finally:
             setattr(self, total, getattr(self, total) + time.perf_counter() - start)
 
@@ -214,7 +217,9 @@ async def steer(
                 try:
                     await _give_turns(remote_task)
                     clock.local_passes += 1
-                    local_step = clock.local(local.advance(branches, token, all_logits=all_logits))
+                    local_step = clock.local(
+                        functools.partial(local.advance, branches, token, all_logits=all_logits)
+                    )
                     cloud, local_scores = await asyncio.gather(remote_task, local_step)
                 except BaseException:
                     remote_task.cancel()  # no-op if it is what failed
