@@ -407,6 +407,8 @@ async def test_canaries_reach_neither_the_cloud_nor_any_answer_or_log(
     db = tmp_path / "memory.db"
     secret = [f"{CANARY}: I ran ten miles in my new shoes.", *HISTORY[1:]]
     await fill(db, {"alice": secret})
+    async with SQLiteMemoryStore(db) as store:  # the profile is private context too
+        await store.set_profile("alice", {"nickname": f"{CANARY}-profile"})
     transport = Recording()
     remote = SessionRemote(cloud.url, top_k=TOP_K, transport=transport)
     proxy = Proxy(remote, local_model, db, Users(KEYS))
