@@ -320,8 +320,10 @@ def create_app(
         the session id, and the session would hold a place under the cap until it
         expired."""
         task = creating.get(key)
-        if task is not None:
-            task.add_done_callback(drop_created)
+        if task is not None and task.done():
+            drop_created(task)  # before answering: the 204 means it is gone
+        elif task is not None:
+            task.add_done_callback(drop_created)  # still prefilling: dropped once made
         return Response(status_code=204)
 
     def drop_created(task: asyncio.Future[SessionState]) -> None:
