@@ -18,7 +18,6 @@ was confident, in which case it waits to see whether the next one needs it.
 
 from __future__ import annotations
 
-import asyncio
 import math
 from collections.abc import AsyncGenerator, Awaitable, Callable
 
@@ -29,7 +28,7 @@ from costeer_sdk.engine.local import BranchPair, LocalModel
 from costeer_sdk.engine.readout import NextTokenScores
 from costeer_sdk.fusion import Gate, SteeringConfig
 from costeer_sdk.remotes.base import NextTokenLogprobs, RemoteSession
-from costeer_sdk.scheduler import StepClock, choose_token
+from costeer_sdk.scheduler import StepClock, both_sides, choose_token
 
 __all__ = ["GateState", "gated", "uncertainty"]
 
@@ -95,23 +94,17 @@ async def gated(
                 fresh, behind = caught_up[-1], []
             token = choose_token(cloud, fresh, steering, chooser)
         else:
-            clock.skipped_passes += 1
+            clock.unsteered += 1
             token = choose_token(cloud, None, steering, chooser)
         yield token
         if step == max_new_tokens - 1:
             return
         await before_request()  # the prefill bucket, before the first step
         clock.round_trips += 1
-        remote_step = asyncio.ensure_future(clock.remote(session.advance(token, position)))
+        remote_step = clock.remote(session.advance(token, position))
         position += 1
         if fresh is not None and state.likely_needed(cloud):
-            try:
-                clock.local_passes += 1
-                local_step = clock.local(local.advance(branches, token, all_logits=all_logits))
-                cloud, fresh = await asyncio.gather(remote_step, local_step)
-            except BaseException:
-                remote_step.cancel()
-                raise
+            cloud, fresh = await both_sides(clock, remote_step, local, branches, token, all_logits)
         else:
             behind.append(token)
             fresh = None

@@ -86,7 +86,7 @@ class Progress:
             drafted_tokens=clock.drafted,
             accepted_tokens=clock.accepted,
             local_passes=clock.local_passes,
-            unsteered_steps=clock.skipped_passes,
+            unsteered_steps=clock.unsteered,
         )
         text = self.text
         return Generation(text.text, list(text.token_ids), finish, self.steered, stats)

@@ -32,7 +32,7 @@ from costeer_sdk.errors import RemoteProtocolError
 from costeer_sdk.fusion import SteeringConfig
 from costeer_sdk.logs import get_logger
 from costeer_sdk.remotes.base import Drafted, DraftingSession, DraftSampling, NextTokenLogprobs
-from costeer_sdk.scheduler import Candidates, StepClock, candidates
+from costeer_sdk.scheduler import Candidates, StepClock, candidates, give_turns
 
 __all__ = ["MAX_CUT_OFFS", "rounds"]
 
@@ -130,8 +130,7 @@ async def rounds(
         fed = 0  # drafted tokens the device has been given
         opening: asyncio.Future[list[NextTokenScores]] | None = None
         if local is not None and branches is not None and pending:
-            for _ in range(8):  # the request goes out before the device takes the core
-                await asyncio.sleep(0)
+            await give_turns(arrivals.task)  # the request goes out before the device works
             clock.local_passes += 1
             opening = asyncio.ensure_future(
                 clock.local(local.extend(branches, pending, all_logits=all_logits))

@@ -44,7 +44,7 @@ class StepClock:
     drafted: int = 0
     accepted: int = 0
     local_passes: int = 0  # the device's passes after its prefill
-    skipped_passes: int = 0  # steps taken on the cloud alone (`gating`)
+    unsteered: int = 0  # steps taken on the cloud alone (`gating`)
 
     async def remote(self, call: Awaitable[T]) -> T:
         return await self._timed(call, "remote_s")
@@ -213,17 +213,9 @@ async def steer(
                     local.advance(branches, token, all_logits=all_logits)
                 )
             else:
-                remote_task = asyncio.ensure_future(remote_step)
-                try:
-                    await _give_turns(remote_task)
-                    clock.local_passes += 1
-                    local_step = clock.local(
-                        functools.partial(local.advance, branches, token, all_logits=all_logits)
-                    )
-                    cloud, local_scores = await asyncio.gather(remote_task, local_step)
-                except BaseException:
-                    remote_task.cancel()  # no-op if it is what failed
-                    raise
+                cloud, local_scores = await both_sides(
+                    clock, remote_step, local, branches, token, all_logits
+                )
             position += 1
     finally:
         if local is not None and local_open is not None and _succeeded(local_open):
@@ -241,6 +233,29 @@ async def steer(
                 _in_background(_close_after_bucket(session, opened_at, prefill_bucket_s))
 
 
+async def both_sides(
+    clock: StepClock,
+    remote_step: Awaitable[NextTokenLogprobs],
+    local: LocalModel,
+    branches: BranchPair,
+    token: int,
+    all_logits: bool,
+) -> tuple[NextTokenLogprobs, NextTokenScores]:
+    """One pipelined step: the cloud's request goes out first (`give_turns`), then the
+    device's pass over ``token`` runs while it is in flight."""
+    remote_task = asyncio.ensure_future(remote_step)
+    try:
+        await give_turns(remote_task)
+        clock.local_passes += 1
+        local_step = clock.local(
+            functools.partial(local.advance, branches, token, all_logits=all_logits)
+        )
+        return await asyncio.gather(remote_task, local_step)
+    except BaseException:
+        remote_task.cancel()  # no-op if it is what failed
+        raise
+
+
 REMOTE_HEAD_START_TURNS = 8
 """Event-loop turns the remote step gets before the local pass starts. On a CPU the pass
 takes a core, and a request that has not reached the socket by then is written late, so
@@ -248,7 +263,7 @@ its answer arrives late: measured on one client core with a 20 ms remote, a step
 1.2x max(remote, local) without the head start and 1.05x with it."""
 
 
-async def _give_turns(task: asyncio.Future[Any]) -> None:
+async def give_turns(task: asyncio.Future[Any]) -> None:
     """Yield to the event loop a few times (fewer if ``task`` finishes), so that ``task``
     gets its request onto the wire before the caller starts computing."""
     for _ in range(REMOTE_HEAD_START_TURNS):
