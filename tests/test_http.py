@@ -60,6 +60,11 @@ class Served:
             assert time.monotonic() < deadline, "server did not start"
             time.sleep(0.01)
 
+    @property
+    def sessions(self) -> int:
+        """Sessions the server holds now (its app's table; leaks show here)."""
+        return len(self.server.config.app.state.sessions)  # type: ignore[attr-defined]
+
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(5)

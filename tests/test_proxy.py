@@ -24,6 +24,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import HISTORY
 from test_http import Recording, Served
+from tiny import twin
 
 from costeer_sdk import InProcessRemote, LoadedModel, PersonalLLM
 from costeer_sdk.cli import main as cli
@@ -45,12 +46,6 @@ BOB = [
 ]
 CHAT: list[Any] = [{"role": "user", "content": "Write a short review of my new shoes."}]
 CANARY = "CANARY-7Q zebra passport X93-441"
-
-
-def twin(model: LoadedModel) -> LoadedModel:
-    """The same weights behind a worker of its own (the proxy runs in another thread's
-    event loop than the test's direct generations)."""
-    return LoadedModel(model.name, model.model, model.tokenizer)
 
 
 async def fill(db: Path, records: dict[str, list[str]]) -> None:
@@ -116,10 +111,6 @@ def cloud(cloud_model: LoadedModel) -> Iterator[Served]:
     server = Served(create_cloud(cloud_model, max_sessions=8, session_ttl_s=60))
     yield server
     server.stop()
-
-
-def sessions_of(served: Served) -> int:
-    return len(served.server.config.app.state.sessions)  # type: ignore[attr-defined]
 
 
 async def test_openai_client_gets_what_personal_llm_generates(
@@ -503,11 +494,11 @@ async def test_a_client_leaving_mid_stream_frees_the_cloud_session_at_once(
                 async for line in r.aiter_lines():
                     if '"content":"' in line and '"content":""' not in line:
                         break  # a first piece of text: the generation runs
-                assert sessions_of(cloud) == 1
+                assert cloud.sessions == 1
             closed = time.monotonic()
-            while sessions_of(cloud) and time.monotonic() - closed < 2:
+            while cloud.sessions and time.monotonic() - closed < 2:
                 await asyncio.sleep(0.005)
-            assert sessions_of(cloud) == 0
+            assert cloud.sessions == 0
             freed_after = time.monotonic() - closed
             steps = len(transport.requests)
             await asyncio.sleep(0.3)
@@ -518,9 +509,9 @@ async def test_a_client_leaving_mid_stream_frees_the_cloud_session_at_once(
             with pytest.raises(httpx.ReadTimeout):
                 await http.post("/chat/completions", json={**body, "stream": False}, timeout=0.5)
             gave_up = time.monotonic()
-            while sessions_of(cloud) and time.monotonic() - gave_up < 2:
+            while cloud.sessions and time.monotonic() - gave_up < 2:
                 await asyncio.sleep(0.005)
-            assert sessions_of(cloud) == 0 and time.monotonic() - gave_up < 0.5
+            assert cloud.sessions == 0 and time.monotonic() - gave_up < 0.5
     finally:
         proxy.stop()
 
@@ -555,7 +546,7 @@ async def test_cloud_failures_are_openai_errors_before_and_during_a_stream(
         assert len(pieces) >= 2  # the role, then text: the failure came mid-stream
     finally:
         flaky.stop()
-    assert sessions_of(cloud) == 0
+    assert cloud.sessions == 0
 
 
 async def test_concurrent_requests_each_get_their_own_answer(

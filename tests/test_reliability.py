@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import HISTORY
 from test_http import PROMPT, Served
+from tiny import twin
 
 from costeer_sdk import (
     AuthenticationError,
@@ -31,20 +32,11 @@ from costeer_sdk.remotes.session_http import SessionRemote
 from costeer_sdk.server.app import create_app
 
 
-def twin(model: LoadedModel) -> LoadedModel:
-    """The same weights behind a worker of its own, so closing it spares the fixture."""
-    return LoadedModel(model.name, model.model, model.tokenizer)
-
-
 @pytest.fixture
 def server(cloud_model: LoadedModel) -> Iterator[Served]:
     served = Served(create_app(cloud_model, max_sessions=3, session_ttl_s=60))
     yield served
     served.stop()
-
-
-def sessions_of(served: Served) -> int:
-    return len(served.server.config.app.state.sessions)  # type: ignore[attr-defined]
 
 
 async def test_aclose_ends_every_running_generation_at_once(
@@ -123,11 +115,11 @@ async def test_a_burst_of_creates_cannot_pass_the_cap(server: Served) -> None:
         codes = sorted(r.status_code for r in answers)
         assert codes == [201] * 3 + [429] * 5
         assert all(r.headers["retry-after"] for r in answers if r.status_code == 429)
-        assert sessions_of(server) == 3
+        assert server.sessions == 3
         for r in answers:
             if r.status_code == 201:
                 await http.delete(f"/v1/sessions/{r.json()['session_id']}")
-    assert sessions_of(server) == 0
+    assert server.sessions == 0
 
 
 async def test_a_retried_create_gets_the_same_session(server: Served) -> None:
@@ -139,7 +131,7 @@ async def test_a_retried_create_gets_the_same_session(server: Served) -> None:
         )
         later = await http.post("/v1/sessions", json=body, headers=key)
         ids = {r.json()["session_id"] for r in (first, again, later)}
-        assert len(ids) == 1 and sessions_of(server) == 1
+        assert len(ids) == 1 and server.sessions == 1
         await http.delete(f"/v1/sessions/{ids.pop()}")
 
 
@@ -164,9 +156,9 @@ async def test_a_lost_create_answer_leaves_no_orphan_session(server: Served) -> 
     transport = LoseFirstAnswer("/v1/sessions")
     remote = SessionRemote(server.url, transport=transport, backoff_s=0.01)
     session, _ = await remote.open_session([1, 2, 3])
-    assert transport.lost == 1 and sessions_of(server) == 1
+    assert transport.lost == 1 and server.sessions == 1
     await session.close()
-    assert sessions_of(server) == 0
+    assert server.sessions == 0
     await remote.aclose()
 
 
@@ -210,9 +202,9 @@ async def test_leaving_a_stream_early_frees_its_session_at_once(
     llm = PersonalLLM(remote, local_model)
     async with llm.stream(PROMPT, context=HISTORY, max_new_tokens=100) as stream:
         async for _ in stream:
-            assert sessions_of(server) == 1
+            assert server.sessions == 1
             break
-    assert sessions_of(server) == 0
+    assert server.sessions == 0
     partial = stream.generation
     assert partial is not None and partial.finish_reason == "interrupted"
     assert len(partial.token_ids) >= 1 and partial.stats.steps == len(partial.token_ids)
@@ -343,7 +335,7 @@ async def test_a_generation_cancelled_while_opening_leaves_no_session(
         with pytest.raises(asyncio.CancelledError):
             await running
         await asyncio.sleep(1.0)  # the create answers, and the session is closed
-        assert sessions_of(slow) == 0
+        assert slow.sessions == 0
         await remote.aclose()
     finally:
         slow.stop()
@@ -354,7 +346,7 @@ async def test_a_failed_create_drops_what_its_key_made(server: Served) -> None:
     with pytest.raises(RemoteUnavailable):
         await remote.open_session([1, 2, 3])
     await remote.aclose()  # waits for the background drop
-    assert sessions_of(server) == 0
+    assert server.sessions == 0
 
 
 @pytest.mark.parametrize("variant", ["gated", "rounds"])

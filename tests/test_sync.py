@@ -59,14 +59,13 @@ def test_leaving_a_stream_early_frees_the_session(
     cloud_model: LoadedModel, local_model: LoadedModel
 ) -> None:
     served = Served(create_app(cloud_model))
-    sessions = served.server.config.app.state.sessions  # type: ignore[attr-defined]
     try:
         remote = SessionRemote(served.url)
         with SyncPersonalLLM(remote, local_model) as llm:
             with llm.stream(PROMPT, context=HISTORY, max_new_tokens=100) as stream:
                 first = next(stream)
-                assert len(sessions) == 1
-            assert len(sessions) == 0
+                assert served.sessions == 1
+            assert served.sessions == 0
             assert stream.generation is not None
             assert stream.generation.text.startswith(first)
             assert stream.generation.finish_reason == "interrupted"
@@ -79,7 +78,6 @@ def test_a_stream_closed_from_another_thread_stops_the_iterating_one(
     cloud_model: LoadedModel, local_model: LoadedModel
 ) -> None:
     served = Served(create_app(cloud_model, step_delay_s=0.05))
-    sessions = served.server.config.app.state.sessions  # type: ignore[attr-defined]
     try:
         remote = SessionRemote(served.url)
         llm = SyncPersonalLLM(remote, local_model)
@@ -91,7 +89,7 @@ def test_a_stream_closed_from_another_thread_stops_the_iterating_one(
             time.sleep(0.01)
         stream.close()  # the "stop" button, from this thread
         reader.join(5)
-        assert not reader.is_alive() and len(sessions) == 0
+        assert not reader.is_alive() and served.sessions == 0
         assert stream.generation is not None
         assert stream.generation.finish_reason == "interrupted"
         background.run(remote.aclose())

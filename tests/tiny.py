@@ -72,3 +72,8 @@ def make_model(
     model = Qwen2ForCausalLM(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return LoadedModel(name=name, model=model, tokenizer=tokenizer)
+
+
+def twin(model: LoadedModel) -> LoadedModel:
+    """The same weights behind a worker of its own, so closing it spares the fixture."""
+    return LoadedModel(model.name, model.model, model.tokenizer)
