@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 import torch
 
@@ -28,14 +28,17 @@ class NextTokenLogprobs:
     Attributes:
         logprobs: float32 log-probs, ``[vocab]`` (full) or ``[k]`` (top-k).
         token_ids: ``[k]`` ids of the top-k entries, or None for the full vocabulary.
+        pieces: from a cloud that keys its top-k by text (`TextSession`): each entry's
+            bytes, in the order of ``logprobs`` (``token_ids`` is then None).
     """
 
     logprobs: torch.Tensor
     token_ids: torch.Tensor | None = None
+    pieces: tuple[bytes, ...] | None = None
 
     @property
     def is_top_k(self) -> bool:
-        return self.token_ids is not None
+        return self.token_ids is not None or self.pieces is not None
 
 
 @dataclass(frozen=True)
@@ -48,12 +51,15 @@ class RemoteInfo:
         max_sequence_length: prompt plus generated tokens it accepts.
         tokenizer_fingerprint: hash of its vocabulary (`runtime.tokenizer_fingerprint`),
             or None when the server cannot tell.
+        keys: how its top-k log-probs are keyed: by token id (the client sends ids,
+            `RemoteSession`) or by text (the client sends text, `TextSession`).
     """
 
     model: str
     vocab_size: int
     max_sequence_length: int
     tokenizer_fingerprint: str | None
+    keys: Literal["ids", "text"] = "ids"
 
 
 @runtime_checkable
@@ -67,6 +73,32 @@ class RemoteSession(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class TextSession(Protocol):
+    """One generation on a cloud that keys its log-probs by text (vLLM without
+    ``return_tokens_as_token_ids``, llama-cpp-python's server, OpenAI-style ``bytes``):
+    it is given the public prompt as text and each chosen piece as bytes, so the device
+    needs no tokenizer of the cloud's. Answers carry ``pieces``, not ids."""
+
+    async def append(self, piece: bytes, position: int) -> NextTokenLogprobs:
+        """Append ``piece`` to the generated text, which holds ``position`` pieces before
+        it, and return the distribution of the piece after it. Repeating the last call
+        returns the same answer without appending again."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+@runtime_checkable
+class TextRemote(Protocol):
+    """A cloud that can open `TextSession`s (its `RemoteInfo.keys` says whether it must)."""
+
+    async def open_text_session(self, prompt: str) -> tuple[TextSession, NextTokenLogprobs]:
+        """Start a generation after ``prompt``, the public prompt as text with its chat
+        template already applied; return the first distribution."""
+        ...
 
 
 @dataclass(frozen=True)
