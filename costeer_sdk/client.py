@@ -12,13 +12,17 @@ from types import TracebackType
 from typing import Literal
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
+from costeer_sdk.alignment.aligner import METHODS, AlignmentMethod
+from costeer_sdk.alignment.crossing import CloudSide
+from costeer_sdk.alignment.loop import PieceTable
 from costeer_sdk.builtins import DEFAULT_CLOUD, DEFAULT_LOCAL
 from costeer_sdk.context import ContextTemplate, Prompt, PromptBuilder, query_text
 from costeer_sdk.decoding import SamplingParams, TextAssembler, TokenChooser
 from costeer_sdk.engine.local import LocalModel
 from costeer_sdk.engine.prefixes import DEFAULT_PREFIX_CACHE_BYTES
-from costeer_sdk.engine.runtime import LoadedModel
+from costeer_sdk.engine.runtime import LoadedModel, tokenizer_fingerprint
 from costeer_sdk.errors import (
     ConfigurationError,
     TokenizerMismatchError,
@@ -75,6 +79,15 @@ class PersonalLLM:
             step up to a whole multiple of this (0: off), so the cloud cannot time the
             private prefill (its length, a prefix-cache hit) to finer than the bucket;
             costs about half a bucket of latency per generation on average.
+        cloud_tokenizer: the cloud model's tokenizer, where it differs from the local
+            model's and the remote cannot say so itself (an `InProcessRemote` can): the
+            client then steers across tokenizers (`alignment`), building the cloud's
+            prompt in the cloud's chat format. Not needed for a cloud that keys its
+            log-probs by text, which is sent text (laid out in this tokenizer's chat
+            format if given, else the local model's).
+        alignment: how the local model scores a foreign cloud's tokens: ``"text"``
+            (ours, default: every cloud candidate stays reachable) or ``"intersection"``
+            (the paper's: only tokens both vocabularies spell alike).
     """
 
     def __init__(
@@ -92,7 +105,11 @@ class PersonalLLM:
         prefix_scope: PrefixScope = "user",
         prefill_bucket_s: float = 0.0,
         lookahead: int = DEFAULT_LOOKAHEAD,
+        cloud_tokenizer: PreTrainedTokenizerBase | None = None,
+        alignment: AlignmentMethod = "text",
     ) -> None:
+        if alignment not in METHODS:
+            raise ConfigurationError(f"alignment must be one of {METHODS}, got {alignment!r}")
         if isinstance(local, str):
             local = LocalModel.from_spec(local)
         elif isinstance(local, LoadedModel):
@@ -131,8 +148,11 @@ class PersonalLLM:
         self.prompts = PromptBuilder(local.tokenizer, context_template, system_prompt)
         self._remote_info: RemoteInfo | None = None
         self._owned: list[LoadedModel] = []
-        if isinstance(remote, InProcessRemote):
-            self._check_tokenizers(remote.model.fingerprint, remote.model.name)
+        self.alignment: AlignmentMethod = alignment
+        if cloud_tokenizer is None and isinstance(remote, InProcessRemote):
+            cloud_tokenizer = remote.model.tokenizer
+        self.cloud_tokenizer = cloud_tokenizer
+        self._cloud: CloudSide | None = None  # set by `_info` where the tokens differ
 
     @classmethod
     def from_models(
@@ -196,20 +216,44 @@ class PersonalLLM:
         """The embedded default pair: Qwen2.5-Coder 1.5B (cloud) and 0.5B (local) Instruct."""
         return cls.from_models(DEFAULT_CLOUD, DEFAULT_LOCAL, **options)  # type: ignore[arg-type]
 
-    def _check_tokenizers(self, remote_fingerprint: str | None, remote_name: str) -> None:
+    def _cloud_side(self, info: RemoteInfo) -> CloudSide | None:
+        """How this client reaches the cloud's tokens: None where they are the local
+        model's; else across tokenizers (`alignment`)."""
         local = self.local.model
-        if remote_fingerprint is not None and remote_fingerprint != local.fingerprint:
-            raise TokenizerMismatchError(
-                f"the cloud model {remote_name!r} and the local model {local.name!r} use "
-                f"different tokenizers (vocabulary hashes {remote_fingerprint[:12]} vs "
-                f"{local.fingerprint[:12]}). CoSteer adds per-token deltas, so both must share "
-                "one tokenizer: pick a local model from the cloud model's family."
+        system = self.prompts.system_prompt
+        if info.keys == "text":
+            return CloudSide.build(
+                local, self.cloud_tokenizer, self.alignment, text_keys=True, system_prompt=system
             )
+        remote_fingerprint = info.tokenizer_fingerprint
+        if remote_fingerprint is None and self.cloud_tokenizer is not None:
+            remote_fingerprint = tokenizer_fingerprint(self.cloud_tokenizer)
+        if remote_fingerprint is None or remote_fingerprint == local.fingerprint:
+            return None
+        if self.cloud_tokenizer is None or (
+            info.tokenizer_fingerprint is not None
+            and tokenizer_fingerprint(self.cloud_tokenizer) != info.tokenizer_fingerprint
+        ):
+            raise TokenizerMismatchError(
+                f"the cloud model {info.model!r} and the local model {local.name!r} use "
+                f"different tokenizers (vocabulary hashes {remote_fingerprint[:12]} vs "
+                f"{local.fingerprint[:12]}), and the client has not been given the cloud's "
+                "tokenizer: pass PersonalLLM(..., cloud_tokenizer=...) to steer across "
+                "tokenizers, or pick a local model from the cloud model's family."
+            )
+        return CloudSide.build(
+            local,
+            self.cloud_tokenizer,
+            self.alignment,
+            text_keys=False,
+            cloud_width=info.vocab_size,
+            system_prompt=system,
+        )
 
     async def _info(self) -> RemoteInfo:
         if self._remote_info is None:
             info = await self.remote.describe()
-            self._check_tokenizers(info.tokenizer_fingerprint, info.model)
+            self._cloud = self._cloud_side(info)
             self._remote_info = info
         return self._remote_info
 
@@ -343,7 +387,13 @@ class PersonalLLM:
         prompts = self.prompts.build(
             request.prompt, request.context, window - request.max_new_tokens
         )
-        run = Progress(prompts, request, TextAssembler(local.tokenizer, request.stop))
+        crossing = self._cloud.start(request.prompt, local) if self._cloud else None
+        output: PreTrainedTokenizerBase | PieceTable = local.tokenizer
+        eos_ids = local.eos_token_ids
+        if crossing is not None:
+            output = crossing.table or crossing.side.tokenizer or output
+            eos_ids = frozenset({PieceTable.END}) if crossing.table else crossing.side.eos_ids
+        run = Progress(prompts, request, TextAssembler(output, request.stop))  # type: ignore[arg-type]
         log.info(
             "generate.start",
             prompt_tokens=len(prompts.public_ids),
@@ -364,8 +414,9 @@ class PersonalLLM:
             scope=request.scope,
             prefill_bucket_s=self.prefill_bucket_s,
             lookahead=self.lookahead,
+            crossing=crossing,
         )
-        pieces = emit(tokens, run, local.eos_token_ids, self._lifecycle.next_token)
+        pieces = emit(tokens, run, eos_ids, self._lifecycle.next_token)
         try:
             async for piece in pieces:
                 yield piece

@@ -13,7 +13,7 @@ import math
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
@@ -22,9 +22,13 @@ from costeer_sdk.decoding import TokenChooser
 from costeer_sdk.engine.local import BranchPair, LocalModel
 from costeer_sdk.engine.prefixes import Scope
 from costeer_sdk.engine.readout import NextTokenScores
+from costeer_sdk.errors import ConfigurationError
 from costeer_sdk.fusion import SteeringConfig, fuse
 from costeer_sdk.logs import get_logger
 from costeer_sdk.remotes.base import DraftingSession, NextTokenLogprobs, Remote, RemoteSession
+
+if TYPE_CHECKING:
+    from costeer_sdk.alignment.crossing import Crossing
 
 T = TypeVar("T")
 
@@ -124,6 +128,7 @@ async def steer(
     scope: Scope = None,
     prefill_bucket_s: float = 0.0,
     lookahead: int = 0,
+    crossing: Crossing | None = None,
 ) -> AsyncGenerator[int, None]:
     """Yield chosen token ids, one per step, up to ``max_new_tokens``.
 
@@ -136,9 +141,11 @@ async def steer(
     private prefill (its length, a prefix-cache hit) to finer than the bucket.
     ``lookahead``: draft up to this many tokens per round where the session can
     (`rounds`); 0, or a session that cannot draft, steps one token per request.
+    ``crossing``: the cloud's tokens are not the device's (`alignment`); the cloud is
+    opened on ``crossing``'s prompt and the yielded ids are the cloud's.
     """
     opened_at = time.monotonic()
-    remote_open = asyncio.ensure_future(clock.remote(remote.open_session(prompts.public_ids)))
+    remote_open = asyncio.ensure_future(clock.remote(_open(remote, prompts, crossing)))
     local_open: asyncio.Future[tuple[BranchPair, NextTokenScores]] | None = None
     if local is not None and prompts.private_ids is not None:
         local_open = asyncio.ensure_future(
@@ -163,7 +170,18 @@ async def steer(
                 masked = True
 
         loop: AsyncGenerator[int, None] | None = None
-        if steering.gate is not None and branches is not None and local is not None:
+        if crossing is not None:
+            from costeer_sdk.alignment.loop import aligned  # it builds on this module
+
+            if lookahead > 0 or steering.gate is not None:
+                log.info("alignment.per_token", reason="across tokenizers, steps are per token")
+            start = 0 if isinstance(crossing.cloud_prompt, str) else len(crossing.cloud_prompt)
+            loop = aligned(
+                session, local if branches is not None else None, branches,
+                (cloud, local_scores), crossing.device_text, crossing.side.aligner,
+                crossing.table, steering, chooser, max_new_tokens, clock, before_request, start,
+            )  # fmt: skip
+        elif steering.gate is not None and branches is not None and local is not None:
             from costeer_sdk.gating import gated  # it builds on this module
 
             if lookahead > 0:
@@ -231,6 +249,20 @@ async def steer(
                 await asyncio.shield(session.close())
             else:  # closing now would time the private prefill as a first step would
                 _in_background(_close_after_bucket(session, opened_at, prefill_bucket_s))
+
+
+async def _open(
+    remote: Remote, prompts: Prompts, crossing: Crossing | None
+) -> tuple[Any, NextTokenLogprobs]:
+    """Open the cloud's session: on the public ids, or on ``crossing``'s prompt."""
+    if crossing is None:
+        return await remote.open_session(prompts.public_ids)
+    if isinstance(crossing.cloud_prompt, str):
+        opener = getattr(remote, "open_text_session", None)
+        if opener is None:
+            raise ConfigurationError(f"{type(remote).__name__} cannot open a text session")
+        return await opener(crossing.cloud_prompt)
+    return await remote.open_session(crossing.cloud_prompt)
 
 
 async def both_sides(

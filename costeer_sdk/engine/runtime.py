@@ -23,7 +23,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 T = TypeVar("T")
 
 # End-of-turn markers of common chat formats; a generation ends on any that exists.
-_END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -95,7 +95,7 @@ class LoadedModel:
         elif configured:
             ids.update(int(i) for i in configured)
         vocab = self.tokenizer.get_vocab()
-        ids.update(vocab[tok] for tok in _END_OF_TURN_TOKENS if tok in vocab)
+        ids.update(vocab[tok] for tok in END_OF_TURN_TOKENS if tok in vocab)
         return frozenset(ids)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
