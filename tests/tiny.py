@@ -3,6 +3,8 @@ randomly initialised Qwen2 causal LM built from a config. Both take milliseconds
 
 from __future__ import annotations
 
+import json
+
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
@@ -77,3 +79,37 @@ def make_model(
 def twin(model: LoadedModel) -> LoadedModel:
     """The same weights behind a worker of its own, so closing it spares the fixture."""
     return LoadedModel(model.name, model.model, model.tokenizer)
+
+
+def make_sentencepiece_tokenizer(vocab_size: int = 200) -> PreTrainedTokenizerFast:
+    """A SentencePiece-style tokenizer (``▁`` for spaces, ``<0xNN>`` byte fallback, as
+    Gemma's and Llama 2's): a family unlike `make_tokenizer`'s byte-level BPE."""
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")
+    specials = ["<pad>", "<eos>", "<end_of_turn>", "<start_of_turn>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, show_progress=False
+    )
+    core.train_from_iterator(CORPUS * 4, trainer=trainer)
+    spec = json.loads(core.to_str())
+    vocab = spec["model"]["vocab"]
+    for byte in range(256):
+        vocab.setdefault(f"<0x{byte:02X}>", len(vocab))
+    merges = [
+        tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in spec["model"]["merges"]
+    ]
+    sp = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True))
+    sp.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")
+    sp.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    )
+    sp.add_special_tokens(specials)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=sp, eos_token="<end_of_turn>", pad_token="<pad>"
+    )
+    tokenizer.chat_template = (
+        "{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}"
+        "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n"
+        "{% endif %}"
+    )
+    return tokenizer
