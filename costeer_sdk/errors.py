@@ -97,6 +97,21 @@ class RateLimitError(RemoteStatusError):
         self.retry_after = retry_after
 
 
+class PartialCharacterError(ConfigurationError):
+    """A piece given to a `TextSession` would leave the generated text ending inside a
+    UTF-8 character (or not UTF-8 at all), and a cloud that takes its prompt as text
+    cannot be sent that. Nothing was sent or appended: choose a piece that ends on a
+    whole character (or one that completes the character of the pieces before).
+
+    Attributes:
+        piece: the refused piece.
+    """
+
+    def __init__(self, message: str, *, piece: bytes) -> None:
+        super().__init__(message)
+        self.piece = piece
+
+
 class GenerationInterrupted(CoSteerError):
     """A generation stopped part-way; the text decided so far is kept here.
 

@@ -3,7 +3,11 @@
 What vLLM serves for ``POST /v1/completions`` (string or token-id prompt, ``max_tokens``,
 ``stop``, ``logprobs`` as top-k with ``text_offset``, ``echo``, ``temperature``,
 ``top_p``, ``seed``, ``return_tokens_as_token_ids``) and ``GET /v1/models``. Log-probs
-are raw (before temperature), as vLLM's and llama.cpp's are by default. A completion
+are raw (before temperature), as vLLM's and llama.cpp's are by default. Tokens (``tokens``
+and the ``top_logprobs`` keys) are named by their decoded text, or ``token_id:<id>`` with
+``return_tokens_as_token_ids``; a token that is not whole UTF-8 characters (a byte of a
+character split across tokens) is named ``bytes:\\xNN...`` after its raw bytes rather
+than by a lossy U+FFFD, so that a client steering by text learns its bytes. A completion
 decodes as a session the server drives itself (`completions`): KV-cached, its steps
 batched with the clients' sessions, so a long one does not stall them. Clients that
 steer over this route (`OpenAICompatibleRemote`) still resend their prefix at every
@@ -12,12 +16,14 @@ token, as the API is stateless; the session protocol is the efficient way to ste
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from typing import Any
 
 from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, ConfigDict, Field
+from transformers import PreTrainedTokenizerBase
 
 from costeer_sdk.engine.runtime import LoadedModel
 from costeer_sdk.errors import ConfigurationError
@@ -52,6 +58,42 @@ def _prompt_ids(model: LoadedModel, prompt: Any) -> list[int]:
             raise HTTPException(400, f"prompt token ids must lie in [0, {model.vocab_size})")
         return list(prompt)
     raise HTTPException(400, "prompt must be a non-empty string or list of token ids (batch of 1)")
+
+
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+"""SentencePiece's byte-fallback tokens."""
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's printable stand-in character for each byte (GPT-2's table)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0x100)]
+    stand_in = {b: b for b in printable}
+    for shifted, b in enumerate(b for b in range(256) if b not in stand_in):
+        stand_in[b] = 256 + shifted
+    return {chr(code): b for b, code in stand_in.items()}
+
+
+_BYTE_LEVEL = _byte_level_alphabet()
+
+
+def token_text(tokenizer: PreTrainedTokenizerBase, token: int) -> str:
+    """``token`` as a log-prob key: its text decoded alone, or ``bytes:\\xNN...`` where
+    that text is lossy (it holds U+FFFD: the token is part of a character) and the raw
+    bytes can be read from the vocabulary (byte-level BPE or byte-fallback tokens)."""
+    text = str(tokenizer.decode([token]))
+    if "\ufffd" not in text:
+        return text
+    spelled = str(tokenizer.convert_ids_to_tokens(token))
+    byte = _BYTE_FALLBACK.fullmatch(spelled)
+    if byte:
+        raw = bytes([int(byte.group(1), 16)])
+    elif all(c in _BYTE_LEVEL for c in spelled):
+        raw = bytes(_BYTE_LEVEL[c] for c in spelled)
+    else:
+        return text
+    if raw.decode("utf-8", errors="replace") != text:
+        return text  # not what the tokenizer decodes: the vocabulary was misread
+    return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
 
 def router(remote: InProcessRemote, model_name: str) -> APIRouter:
@@ -114,12 +156,13 @@ def router(remote: InProcessRemote, model_name: str) -> APIRouter:
 
 def _choice(model: LoadedModel, body: CompletionRequest, done: Completion) -> dict[str, Any]:
     """The OpenAI (legacy completions) shape of one choice; log-probs keyed by decoded
-    text, or by ``token_id:<id>`` with ``return_tokens_as_token_ids`` (as vLLM does)."""
+    text (`token_text`), or by ``token_id:<id>`` with ``return_tokens_as_token_ids`` (as
+    vLLM does)."""
 
     def name(token: int) -> str:
         if body.return_tokens_as_token_ids:
             return f"token_id:{token}"
-        return str(model.tokenizer.decode([token]))
+        return token_text(model.tokenizer, token)
 
     choice: dict[str, Any] = {
         "index": 0,
