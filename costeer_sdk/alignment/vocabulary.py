@@ -17,9 +17,9 @@ from functools import cached_property
 
 from transformers import PreTrainedTokenizerBase
 
-__all__ = ["Vocabulary"]
+__all__ = ["BYTE_FALLBACK", "BYTE_LEVEL", "Vocabulary"]
 
-_BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 """SentencePiece's byte-fallback tokens."""
 
 
@@ -37,7 +37,8 @@ def _byte_level_alphabet() -> dict[str, int]:
     return {chr(code): b for b, code in stand_in.items()}
 
 
-_BYTE_LEVEL = _byte_level_alphabet()
+BYTE_LEVEL = _byte_level_alphabet()
+"""Byte-level BPE's stand-in character -> the byte it stands for."""
 
 
 def _is_byte_level(tokenizer: PreTrainedTokenizerBase) -> bool:
@@ -129,10 +130,10 @@ class Vocabulary:
 def _spell(token: str, byte_level: bool) -> bytes:
     if byte_level:
         try:
-            return bytes(_BYTE_LEVEL[c] for c in token)
+            return bytes(BYTE_LEVEL[c] for c in token)
         except KeyError:  # not in the byte alphabet: stored as plain text
             return token.encode("utf-8")
-    byte = _BYTE_TOKEN.match(token)
+    byte = BYTE_FALLBACK.match(token)
     if byte:
         return bytes([int(byte.group(1), 16)])
     return token.replace("▁", " ").encode("utf-8")

@@ -16,7 +16,6 @@ token, as the API is stateless; the session protocol is the efficient way to ste
 
 from __future__ import annotations
 
-import re
 import time
 import uuid
 from typing import Any
@@ -25,6 +24,7 @@ from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import PreTrainedTokenizerBase
 
+from costeer_sdk.alignment.vocabulary import BYTE_FALLBACK, BYTE_LEVEL
 from costeer_sdk.engine.runtime import LoadedModel
 from costeer_sdk.errors import ConfigurationError
 from costeer_sdk.remotes.in_process import InProcessRemote
@@ -60,22 +60,6 @@ def _prompt_ids(model: LoadedModel, prompt: Any) -> list[int]:
     raise HTTPException(400, "prompt must be a non-empty string or list of token ids (batch of 1)")
 
 
-_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
-"""SentencePiece's byte-fallback tokens."""
-
-
-def _byte_level_alphabet() -> dict[str, int]:
-    """Byte-level BPE's printable stand-in character for each byte (GPT-2's table)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0x100)]
-    stand_in = {b: b for b in printable}
-    for shifted, b in enumerate(b for b in range(256) if b not in stand_in):
-        stand_in[b] = 256 + shifted
-    return {chr(code): b for b, code in stand_in.items()}
-
-
-_BYTE_LEVEL = _byte_level_alphabet()
-
-
 def token_text(tokenizer: PreTrainedTokenizerBase, token: int) -> str:
     """``token`` as a log-prob key: its text decoded alone, or ``bytes:\\xNN...`` where
     that text is lossy (it holds U+FFFD: the token is part of a character) and the raw
@@ -84,11 +68,11 @@ def token_text(tokenizer: PreTrainedTokenizerBase, token: int) -> str:
     if "\ufffd" not in text:
         return text
     spelled = str(tokenizer.convert_ids_to_tokens(token))
-    byte = _BYTE_FALLBACK.fullmatch(spelled)
+    byte = BYTE_FALLBACK.fullmatch(spelled)
     if byte:
         raw = bytes([int(byte.group(1), 16)])
-    elif all(c in _BYTE_LEVEL for c in spelled):
-        raw = bytes(_BYTE_LEVEL[c] for c in spelled)
+    elif all(c in BYTE_LEVEL for c in spelled):
+        raw = bytes(BYTE_LEVEL[c] for c in spelled)
     else:
         return text
     if raw.decode("utf-8", errors="replace") != text:
