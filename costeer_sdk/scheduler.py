@@ -171,16 +171,28 @@ async def steer(
 
         loop: AsyncGenerator[int, None] | None = None
         if crossing is not None:
-            from costeer_sdk.alignment.loop import aligned  # it builds on this module
+            from costeer_sdk.alignment.loop import aligned  # they build on this module
+            from costeer_sdk.alignment.rounds import aligned_rounds
 
-            if lookahead > 0 or steering.gate is not None:
-                log.info("alignment.per_token", reason="across tokenizers, steps are per token")
             start = 0 if isinstance(crossing.cloud_prompt, str) else len(crossing.cloud_prompt)
-            loop = aligned(
-                session, local if branches is not None else None, branches,
-                (cloud, local_scores), crossing.device_text, crossing.side.aligner,
-                crossing.table, steering, chooser, max_new_tokens, clock, before_request, start,
-            )  # fmt: skip
+            if steering.gate is not None:
+                log.info("alignment.ungated", reason="across tokenizers every step is steered")
+            drafts = lookahead > 0 and crossing.table is None
+            if drafts and isinstance(session, DraftingSession):
+                loop = aligned_rounds(
+                    session, local if branches is not None else None, branches,
+                    (cloud, local_scores), crossing.device_text, crossing.side.aligner,
+                    steering, chooser, max_new_tokens, clock, lookahead, before_request, start,
+                )  # fmt: skip
+            else:
+                if lookahead > 0:
+                    log.info("rounds.unsupported", remote=type(session).__name__)
+                loop = aligned(
+                    session, local if branches is not None else None, branches,
+                    (cloud, local_scores), crossing.device_text, crossing.side.aligner,
+                    crossing.table, steering, chooser, max_new_tokens, clock, before_request,
+                    start,
+                )  # fmt: skip
         elif steering.gate is not None and branches is not None and local is not None:
             from costeer_sdk.gating import gated  # it builds on this module
 

@@ -22,6 +22,7 @@ from costeer_sdk import (
 )
 from costeer_sdk.alignment import Aligner, DeviceText, Vocabulary
 from costeer_sdk.alignment.loop import _apply
+from costeer_sdk.context import PromptBuilder
 from costeer_sdk.engine.local import LocalModel
 from costeer_sdk.engine.readout import NextTokenScores
 from costeer_sdk.remotes.base import NextTokenLogprobs, RemoteInfo, RemoteSession
@@ -327,3 +328,67 @@ def test_random_splits_including_inside_characters(
             for piece in pieces:
                 tracker.push(piece)
             assert vocabulary(device_tok).spell(tracker.tokens) == data
+
+
+class Recorded(InProcessRemote):
+    """The in-process cloud, keeping every id it is sent (prompts, steps, drafts)."""
+
+    sent: list[int]
+    drafting = False
+
+    async def open_session(self, prompt_ids: Sequence[int]):  # type: ignore[no-untyped-def]
+        self.sent = list(prompt_ids)
+        session, first = await super().open_session(prompt_ids)
+        remote = self
+
+        class Session(type(session)):  # type: ignore[misc]
+            async def advance(self, token_id: int, position: int) -> NextTokenLogprobs:
+                if not remote.drafting:  # a draft appends through advance itself
+                    remote.sent.append(token_id)
+                return await super().advance(token_id, position)
+
+            async def draft(self, position, append, max_tokens, sampling):  # type: ignore[no-untyped-def]
+                remote.sent.extend(append)
+                remote.drafting = True
+                try:
+                    async for item in super().draft(position, append, max_tokens, sampling):
+                        yield item
+                finally:
+                    remote.drafting = False
+
+        session.__class__ = Session
+        return session, first
+
+
+@pytest.mark.parametrize("lookahead", [1, 4])
+async def test_rounds_across_tokenizers(
+    pair: tuple[LoadedModel, LoadedModel], lookahead: int
+) -> None:
+    """The cloud drafts in its tokens, the device verifies on its own tokenization.
+    Unsteered, every draft is the cloud's choice and the output is the per-token one
+    (catches positions, cut-backs and free tokens handled wrong); steered, fewer round
+    trips and about one device pass per round; only public and output ids are sent."""
+    cloud, device = pair
+    per_token = PersonalLLM(InProcessRemote(cloud), device)
+    remote = Recorded(cloud)
+    rounds = PersonalLLM(remote, device, lookahead=lookahead)
+    off = SteeringConfig(beta=0.0)
+    for prompt in (PROMPT, "Tell me about the trail.", "What do you like?"):
+        expected = await per_token.generate(
+            prompt, context=HISTORY, max_new_tokens=20, steering=off
+        )
+        got = await rounds.generate(prompt, context=HISTORY, max_new_tokens=20, steering=off)
+        assert got.token_ids == expected.token_ids
+        steered = await rounds.generate(prompt, context=HISTORY, max_new_tokens=20)
+        stats = steered.stats
+        assert stats.drafted_tokens > 0 and stats.round_trips < len(steered.token_ids) + 1
+        assert stats.local_passes <= stats.round_trips + 1
+        public = PromptBuilder(cloud.tokenizer).encode(prompt)
+        assert remote.sent[: len(public)] == public
+        # after the prompt, only output ids, in output order (accepted drafts are the
+        # cloud's own and are not sent back)
+        output = iter(steered.token_ids)
+        assert all(token in output for token in remote.sent[len(public) :]), (
+            remote.sent[len(public) :],
+            steered.token_ids,
+        )
