@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
+import torch.nn.functional as F
 
 from costeer_sdk.context import Prompts
 from costeer_sdk.decoding import TokenChooser
@@ -89,18 +90,26 @@ class Candidates:
 def candidates(
     cloud: NextTokenLogprobs, local: NextTokenScores | None, steering: SteeringConfig
 ) -> Candidates:
-    """Fuse one position's distributions (local row 0: with context)."""
+    """Fuse one position's distributions (local row 0: with context).
+
+    One tokenizer can sit under logits of different widths (Qwen2.5 pads 151,665 tokens
+    to 151,936 logits in its small models and to 152,064 in its 7B): a cloud id past the
+    device's width is kept, unsteered (delta 0), rather than cut; device logits past the
+    cloud's width are not candidates."""
     if local is None:
         return Candidates(cloud.token_ids, cloud.logprobs, cloud.logprobs)
     if cloud.token_ids is None:
-        logits = local.full()
-        n = min(logits.shape[-1], cloud.logprobs.shape[-1])
-        fused = fuse(cloud.logprobs[None, :n], logits[1:2, :n], logits[0:1, :n], steering)
-        return Candidates(None, cloud.logprobs[:n], fused[0])
+        logits = local.full()[:, : cloud.logprobs.shape[-1]]
+        if logits.shape[-1] < cloud.logprobs.shape[-1]:  # no delta for the cloud's extra ids
+            logits = F.pad(logits, (0, cloud.logprobs.shape[-1] - logits.shape[-1]))
+        fused = fuse(cloud.logprobs[None], logits[1:2], logits[0:1], steering)
+        return Candidates(None, cloud.logprobs, fused[0])
     # `fuse_top_k` over the k tokens, whose local logits are read out alone (`readout`).
-    keep = cloud.token_ids < local.width
-    ids, logprobs = cloud.token_ids[keep], cloud.logprobs[keep]
-    at = local.at(ids)
+    ids, logprobs = cloud.token_ids, cloud.logprobs
+    outside = ids >= local.width
+    at = local.at(ids.masked_fill(outside, 0))
+    if bool(outside.any()):
+        at = at.masked_fill(outside[None], 0.0)  # no delta for the cloud's extra ids
     return Candidates(ids, logprobs, fuse(logprobs[None], at[1:2], at[0:1], steering)[0])
 
 

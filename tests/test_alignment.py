@@ -26,6 +26,7 @@ from costeer_sdk.context import PromptBuilder
 from costeer_sdk.engine.local import LocalModel
 from costeer_sdk.engine.readout import NextTokenScores
 from costeer_sdk.remotes.base import NextTokenLogprobs, RemoteInfo, RemoteSession
+from costeer_sdk.scheduler import candidates
 
 TEXTS = [
     " Hello world\n héllo ✓ the shoes",
@@ -392,3 +393,25 @@ async def test_rounds_across_tokenizers(
             remote.sent[len(public) :],
             steered.token_ids,
         )
+
+
+@pytest.mark.parametrize("top_k", [True, False])
+def test_padded_logit_widths_inside_one_family_are_not_cut(top_k: bool) -> None:
+    """Qwen2.5's small models pad their logits to 151,936, its 7B to 152,064: a cloud
+    that is wider than the device keeps its extra ids, unsteered; a narrower one is
+    steered over its own width."""
+    torch.manual_seed(0)
+    cloud = torch.log_softmax(torch.randn(164), -1)  # 100 device logits + 64 of padding
+    device = NextTokenScores(logits=torch.randn(2, 100))
+    best = torch.topk(cloud, 164)
+    answer = NextTokenLogprobs(best.values, best.indices) if top_k else NextTokenLogprobs(cloud)
+    options = candidates(answer, device, SteeringConfig())
+    fused = options.fused
+    assert fused.shape[-1] == 164 and torch.isfinite(fused).all()
+    weight = 1.7833
+    delta = torch.cat([device.logits[0] - device.logits[1], torch.zeros(64)])  # type: ignore[index]
+    expected = torch.log_softmax(cloud + weight * delta, -1)
+    order = options.ids if options.ids is not None else torch.arange(164)
+    torch.testing.assert_close(fused, expected[order], atol=1e-3, rtol=1e-3)
+    wider = NextTokenScores(logits=torch.randn(2, 200))  # the device is the wider one
+    assert candidates(NextTokenLogprobs(cloud), wider, SteeringConfig()).fused.shape[-1] == 164
