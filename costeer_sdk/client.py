@@ -50,7 +50,8 @@ PrefixScope = Literal["user", "shared"]
 
 class PersonalLLM:
     """A cloud LLM steered token by token by a small local model that sees the user's
-    private context. Only chosen token ids ever reach the cloud.
+    private context. Only the public prompt and the chosen tokens (as ids, or as text for a
+    cloud that keys its log-probs by text) ever reach the cloud.
 
     Args:
         remote: the cloud side (`InProcessRemote`, or a network remote).

@@ -128,8 +128,11 @@ class OpenAICompatibleRemote(HTTPRemote):
         return RemoteInfo(
             model=self.model,
             vocab_size=int(meta.get("n_vocab") or 0),
-            max_sequence_length=int(
-                entry.get("max_model_len") or meta.get("n_ctx_train") or 1 << 20
+            max_sequence_length=int(  # llama-server: n_ctx is the window it serves
+                entry.get("max_model_len")
+                or meta.get("n_ctx")
+                or meta.get("n_ctx_train")
+                or 1 << 20
             ),
             tokenizer_fingerprint=None,
             keys=await self.detect_keys(),
