@@ -415,3 +415,20 @@ def test_padded_logit_widths_inside_one_family_are_not_cut(top_k: bool) -> None:
     torch.testing.assert_close(fused, expected[order], atol=1e-3, rtol=1e-3)
     wider = NextTokenScores(logits=torch.randn(2, 200))  # the device is the wider one
     assert candidates(NextTokenLogprobs(cloud), wider, SteeringConfig()).fused.shape[-1] == 164
+
+
+def test_a_text_keyed_cloud_is_never_sent_part_of_a_character() -> None:
+    """Pieces that end inside a character, or a server's U+FFFD stand-in for one, cannot
+    be sent back as text; they are chosen only when nothing else can be."""
+    from costeer_sdk.alignment.aligner import CloudCandidates
+    from costeer_sdk.alignment.loop import _sendable
+
+    pieces = (b"\xf0\x9f", "\ufffd".encode(), b" ok", b"")
+    options = CloudCandidates(
+        torch.log_softmax(torch.tensor([3.0, 2.0, 1.0, 0.0]), -1), pieces, None,
+        (False, False, False, True),
+    )  # fmt: skip
+    fused = _sendable(options, options.logprobs)
+    assert math.isinf(fused[0]) and math.isinf(fused[1]) and torch.isfinite(fused[2:]).all()
+    stuck = CloudCandidates(options.logprobs[:2], pieces[:2], None, (False, False))
+    assert torch.isfinite(_sendable(stuck, stuck.logprobs)).all()

@@ -104,4 +104,4 @@ async def test_rolled_back_caches_equal_a_fresh_prefill(llm: PersonalLLM) -> Non
     fresh, fresh_scores = await device.open(prompt + tracker.tokens, prompt + tracker.tokens)
     device.release(fresh)
     torch.testing.assert_close(scores.full(), fresh_scores.full(), atol=2e-3, rtol=2e-3)
-    print(f"\nre-tokenizations: {rollbacks}")
+    assert rollbacks > 0  # the text's tail was re-tokenized at least once

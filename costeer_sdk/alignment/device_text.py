@@ -49,6 +49,18 @@ class DeviceText:
     tokens: list[int] = field(default_factory=list)
     ends: list[int] = field(default_factory=list)  # byte offset after each token
 
+    def copy(self) -> DeviceText:
+        """A copy to push text into speculatively (the tokenizer and vocabulary are
+        shared: copying them would cost seconds for a large vocabulary)."""
+        return DeviceText(
+            self.tokenizer,
+            self.vocabulary,
+            self.look_behind,
+            bytearray(self.text),
+            list(self.tokens),
+            list(self.ends),
+        )
+
     @property
     def pending(self) -> bytes:
         """Text not fed to the device yet (the start of an incomplete character)."""

@@ -118,8 +118,9 @@ def _output_id(options: CloudCandidates, index: int, table: PieceTable | None) -
 
 
 def _sendable(options: CloudCandidates, fused: torch.Tensor) -> torch.Tensor:
-    """A text-keyed cloud is sent text: a piece that is not whole UTF-8 cannot be sent
-    (unless nothing else can be)."""
+    """A text-keyed cloud is sent text: a piece that is not whole UTF-8 cannot be sent,
+    nor one holding U+FFFD (a server's stand-in for part of a character, which would be
+    sent back as a literal U+FFFD), unless nothing else can be."""
     ok = torch.tensor([e or _is_utf8(p) for p, e in zip(options.pieces, options.eos, strict=True)])
     if not bool(ok.any()) or bool(ok.all()):
         return fused
@@ -127,11 +128,12 @@ def _sendable(options: CloudCandidates, fused: torch.Tensor) -> torch.Tensor:
 
 
 def _is_utf8(piece: bytes | None) -> bool:
+    """Whole UTF-8, and not a server's lossy U+FFFD stand-in for part of a character."""
     try:
-        (piece or b"").decode("utf-8")
+        text = (piece or b"").decode("utf-8")
     except UnicodeDecodeError:
         return False
-    return True
+    return "\ufffd" not in text
 
 
 async def _tell(

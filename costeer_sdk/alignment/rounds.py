@@ -19,7 +19,6 @@ The round waits for its whole draft before the device's pass (one pass per round
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 
@@ -121,7 +120,7 @@ async def aligned_rounds(
     options = aligner.candidates(cloud)
     index = _choose(aligner, options, state, device_text, len(device_text.text), steering, chooser)
     emitted, pending = 1, [_id(options, index)]
-    committed = copy.deepcopy(device_text)  # the device text of the output so far
+    committed = device_text.copy()  # the device text of the output so far
     committed.push(options.pieces[index] or b"")
     yield pending[0]
     if options.eos[index]:
@@ -135,7 +134,7 @@ async def aligned_rounds(
         clock.remote_s += time.perf_counter() - started
         if not drafted:
             raise RemoteProtocolError("the cloud ended a round without an answer")
-        speculative = copy.deepcopy(committed)
+        speculative = committed.copy()
         offsets = [len(speculative.text)]  # where each drafted position starts
         for item in drafted:
             if item.token is not None:

@@ -60,7 +60,7 @@ class Vocabulary:
             151,665 tokens to 151,936 logits); ids past the tokenizer spell nothing.
     """
 
-    pieces: tuple[bytes | None, ...]
+    pieces: tuple[bytes | None, ...] = field(repr=False)
     eos_ids: frozenset[int]
     width: int
     _by_piece: dict[bytes, int] = field(default_factory=dict, repr=False)
