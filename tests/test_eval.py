@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 from click.testing import CliRunner
+from test_http import Served
+from tiny import make_sentencepiece_tokenizer
+from transformers import LlamaConfig, LlamaForCausalLM
 
+from costeer_sdk import InProcessRemote, PersonalLLM
 from costeer_sdk.cli import main
+from costeer_sdk.engine.loading import load_model
+from costeer_sdk.engine.local import LocalModel
 from costeer_sdk.errors import ConfigurationError
 from costeer_sdk.evaluation import (
     CoGenesis,
@@ -29,6 +39,8 @@ from costeer_sdk.evaluation.report import (
     write_report,
 )
 from costeer_sdk.memory import SQLiteMemoryStore
+from costeer_sdk.remotes.openai import OpenAICompatibleRemote
+from costeer_sdk.server.app import create_app
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -312,3 +324,182 @@ async def test_shared_files_load(tmp_path: Path) -> None:
         examples = list(task.examples())
         assert len(examples) >= 70  # 54 + 21 profile items, minus any without text
         assert len(await task.history(examples[0])) == 5
+
+
+@pytest.fixture(scope="module")
+def foreign_local(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny device model of another family than `model_dirs`' byte-level cloud: a
+    SentencePiece-style tokenizer with few merges, so that many of the cloud's tokens are
+    no single device token and the paper's intersection leaves them out. Saved as a Llama
+    (under a Qwen2 config, AutoTokenizer would rebuild it as a byte-level tokenizer)."""
+    tokenizer = make_sentencepiece_tokenizer(120)
+    torch.manual_seed(2)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        initializer_range=0.3,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    out = tmp_path_factory.mktemp("foreign")
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return str(out)
+
+
+def steered_directly(cloud: str, local: str, data: Path, alignment: str, n: int) -> list[str]:
+    """CoSteer's texts for the first ``n`` CoGenesis rows, from `PersonalLLM` itself."""
+
+    async def run() -> list[str]:
+        cloud_model = load_model(cloud, dtype="float32", progress=False)
+        local_model = load_model(local, dtype="float32", progress=False)
+        llm = PersonalLLM(
+            InProcessRemote(cloud_model, top_k=20),
+            LocalModel(local_model, prefix_cache_bytes=0),
+            context_template=CoGenesis.template,
+            alignment=alignment,  # type: ignore[arg-type]
+        )
+        examples = list(CoGenesis(data).examples())[:n]
+        try:
+            return [
+                (await llm.generate(e.query, context=list(e.history), max_new_tokens=8)).text
+                for e in examples
+            ]
+        finally:
+            await llm.aclose()
+            cloud_model.close()
+            local_model.close()
+
+    return asyncio.run(run())
+
+
+def test_eval_with_a_foreign_local_model_reports_both_alignments(
+    model_dirs: list[str], foreign_local: str, tmp_path: Path
+) -> None:
+    """--local from another family, --alignment text,intersection: CoSteer runs once per
+    alignment, each row records it, the texts are `PersonalLLM(alignment=...)`'s own
+    (catches an eval that ignores the option: the two alignments differ on this pair),
+    and the report shows costeer[text] and costeer[intersection] side by side."""
+    cloud = model_dirs[0]
+    data = write_jsonl(tmp_path / "c.jsonl", cogenesis_rows(3))
+    out = tmp_path / "results"
+    args = ["eval", "--task", "cogenesis", "--data", str(data), "--out", str(out), "--limit", "2",
+            "--cloud", cloud, "--local", foreign_local, "--max-new-tokens", "8",
+            "--dtype", "float32"]  # fmt: skip
+    runner = CliRunner()
+    done = runner.invoke(main, [*args, "--alignment", "text,intersection"])
+    assert done.exit_code == 0, done.output
+    rows = lines(out / "generations.jsonl")
+    assert sorted((r["id"], r["method"], r.get("alignment", "")) for r in rows) == sorted(
+        [(i, m, "") for i in ("c0", "c1") for m in ("cloud", "local_ctx", "cloud_ctx")]
+        + [(i, "costeer", a) for i in ("c0", "c1") for a in ("text", "intersection")]
+    )
+    assert not any("error" in r for r in rows)
+    texts = {
+        a: [r["text"] for r in rows if r.get("alignment") == a] for a in ("text", "intersection")
+    }
+    for alignment, found in texts.items():
+        assert found == steered_directly(cloud, foreign_local, data, alignment, 2)
+    assert texts["text"] != texts["intersection"]
+
+    with (out / "results.csv").open() as fh:
+        table = list(csv.DictReader(fh))
+    assert [t["method"] for t in table] == [
+        "cloud", "local_ctx", "cloud_ctx", "costeer[text]", "costeer[intersection]"
+    ]  # fmt: skip
+    report = (out / "results.md").read_text()
+    assert "| costeer[text] | 2 | 0 |" in report and "| costeer[intersection] | 2 | 0 |" in report
+    ours = report.index("## costeer[text] against each method")
+    theirs = report.index("## costeer[intersection] against each method")
+    assert "| costeer[intersection] | ROUGE-1 F1 | 2 |" in report[ours:theirs]
+    assert "| costeer[text] | ROUGE-1 F1 | 2 |" in report[theirs:]
+
+    # Resuming, with either alignment alone, finds every generation done.
+    before = (out / "generations.jsonl").read_text()
+    for alignment in ("intersection", "text"):
+        again = runner.invoke(main, [*args, "--alignment", alignment])
+        assert again.exit_code == 0, again.output
+    assert (out / "generations.jsonl").read_text() == before
+    bad = runner.invoke(main, [*args, "--alignment", "union"])
+    assert bad.exit_code != 0 and "unknown alignment(s) union" in bad.output
+
+
+def test_the_alignment_does_nothing_where_the_tokenizers_agree(
+    model_dirs: list[str], tmp_path: Path
+) -> None:
+    cloud, local = model_dirs
+    data = write_jsonl(tmp_path / "c.jsonl", cogenesis_rows(1))
+    out = tmp_path / "results"
+    args = ["eval", "--task", "cogenesis", "--data", str(data), "--out", str(out), "--limit",
+            "1", "--cloud", cloud, "--local", local, "--max-new-tokens", "3", "--methods",
+            "costeer", "--alignment", "text,intersection"]  # fmt: skip
+    done = CliRunner().invoke(main, args)
+    assert done.exit_code == 0, done.output
+    assert "--alignment has no effect" in done.output
+    (row,) = lines(out / "generations.jsonl")
+    assert row["method"] == "costeer" and "alignment" not in row
+    assert "| costeer | 1 | 0 |" in (out / "results.md").read_text()
+
+
+@pytest.fixture
+def served_cloud(model_dirs: list[str]) -> Iterator[Served]:
+    model = load_model(model_dirs[0], dtype="float32", progress=False)
+    server = Served(create_app(model, model_name=model_dirs[0]))  # what --cloud names
+    yield server
+    server.stop()
+    model.close()
+
+
+@pytest.mark.parametrize("api", ["costeer", "openai", "openai-text"])
+def test_a_network_cloud_is_steered_by_a_foreign_local_model(
+    model_dirs: list[str],
+    foreign_local: str,
+    served_cloud: Served,
+    tmp_path: Path,
+    api: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With --cloud-url, the eval loads --cloud's tokenizer for the client, so a server
+    keyed by ids (the session protocol, or OpenAI's with ids on request) steers exactly
+    as in process (without it, an OpenAI-compatible server, which names no tokenizer,
+    would be sent the device's ids); one that keys by text only (as vLLM without
+    ``return_tokens_as_token_ids``) is steered by text, as its `RemoteInfo.keys` says."""
+    prompts: list[str] = []
+    if api == "openai-text":
+
+        async def text_only(self: OpenAICompatibleRemote) -> str:
+            return "text"
+
+        opened = OpenAICompatibleRemote.open_text_session
+
+        async def open_text_session(self: OpenAICompatibleRemote, prompt: str) -> Any:
+            prompts.append(prompt)
+            return await opened(self, prompt)
+
+        monkeypatch.setattr(OpenAICompatibleRemote, "detect_keys", text_only)
+        monkeypatch.setattr(OpenAICompatibleRemote, "open_text_session", open_text_session)
+    cloud = model_dirs[0]
+    data = write_jsonl(tmp_path / "c.jsonl", cogenesis_rows(1))
+    out = tmp_path / "results"
+    args = ["eval", "--task", "cogenesis", "--data", str(data), "--out", str(out), "--limit",
+            "1", "--cloud", cloud, "--local", foreign_local, "--max-new-tokens", "8",
+            "--dtype", "float32", "--methods", "costeer", "--alignment",
+            "text,intersection", "--cloud-url", served_cloud.url,
+            "--cloud-api", api.removesuffix("-text")]  # fmt: skip
+    done = CliRunner().invoke(main, args)
+    assert done.exit_code == 0, done.output
+    rows = {r["alignment"]: r for r in lines(out / "generations.jsonl")}
+    assert rows.keys() == {"text", "intersection"}
+    assert not any("error" in r for r in rows.values())
+    if api == "openai-text":  # the server tokenizes the text again: not the same ids
+        assert all(r["tokens"] >= 1 and r["local_passes"] >= 1 for r in rows.values())
+        # sent as text, in the cloud's chat format (ChatML), not the device's
+        assert len(prompts) == 2 and all(p.startswith("<|im_start|>") for p in prompts)
+        return
+    for alignment, row in rows.items():
+        assert [row["text"]] == steered_directly(cloud, foreign_local, data, alignment, 1)

@@ -35,7 +35,13 @@ import transformers
 from filelock import FileLock
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
+)
 
 from costeer_sdk.builtins import BUILTIN_MODELS, BuiltinModel
 from costeer_sdk.engine.runtime import LoadedModel
@@ -100,19 +106,7 @@ def load_model(
     ``dtype`` (`resolve_dtype`: by default bfloat16 where the hardware computes it
     natively, float32 elsewhere)."""
     weights = resolve_dtype(dtype, device)
-    if spec.startswith("builtin:"):
-        directory = _converted_builtin(spec.removeprefix("builtin:"), progress=progress)
-    else:
-        path = Path(spec).expanduser()
-        gguf = _single_gguf(path)
-        if gguf is not None:
-            directory = _converted_gguf_file(gguf, progress=progress)
-        elif path.is_dir():
-            directory = path
-        elif path.suffix or path.exists() or spec.startswith((".", "/", "~")):
-            raise ModelNotFoundError(f"no model at {spec!r}: not a .gguf file or a model directory")
-        else:
-            directory = None  # a Hub id
+    directory = _directory(spec, progress=progress)
     source = str(directory) if directory is not None else spec
     log.info("model.load", spec=spec, source=source, device=str(device), dtype=str(weights))
     try:
@@ -121,13 +115,44 @@ def load_model(
         with _progress_bars(progress):
             model = AutoModelForCausalLM.from_pretrained(source, dtype=weights, **options)
     except OSError as exc:
-        raise ModelNotFoundError(
-            f"could not load {spec!r}: {exc}. Pass a Hub id that is in the local Hugging Face "
-            f"cache, a model directory, a .gguf file, or one of: "
-            + ", ".join(f"builtin:{n}" for n in BUILTIN_MODELS)
-        ) from exc
+        raise _not_found(spec, exc) from exc
     model.to(torch.device(device))  # type: ignore[arg-type]  # transformers stubs wrap .to
     return LoadedModel(name=spec, model=model, tokenizer=tokenizer)
+
+
+def load_tokenizer(spec: str, *, progress: bool = True) -> PreTrainedTokenizerBase:
+    """The tokenizer of the model named by ``spec``, without its weights (a GGUF file is
+    still converted, once, as `load_model` would): what a client needs of a cloud it
+    reaches over the network, whose tokenizer may not be the local model's."""
+    directory = _directory(spec, progress=progress)
+    try:
+        return AutoTokenizer.from_pretrained(str(directory) if directory is not None else spec)
+    except OSError as exc:
+        raise _not_found(spec, exc) from exc
+
+
+def _directory(spec: str, *, progress: bool) -> Path | None:
+    """The model directory ``spec`` names (converted first where it is GGUF); None for a
+    Hub id."""
+    if spec.startswith("builtin:"):
+        return _converted_builtin(spec.removeprefix("builtin:"), progress=progress)
+    path = Path(spec).expanduser()
+    gguf = _single_gguf(path)
+    if gguf is not None:
+        return _converted_gguf_file(gguf, progress=progress)
+    if path.is_dir():
+        return path
+    if path.suffix or path.exists() or spec.startswith((".", "/", "~")):
+        raise ModelNotFoundError(f"no model at {spec!r}: not a .gguf file or a model directory")
+    return None
+
+
+def _not_found(spec: str, exc: OSError) -> ModelNotFoundError:
+    return ModelNotFoundError(
+        f"could not load {spec!r}: {exc}. Pass a Hub id that is in the local Hugging Face "
+        f"cache, a model directory, a .gguf file, or one of: "
+        + ", ".join(f"builtin:{n}" for n in BUILTIN_MODELS)
+    )
 
 
 @contextlib.contextmanager

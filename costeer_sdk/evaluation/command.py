@@ -45,12 +45,28 @@ _DEFAULTS = SteeringConfig()
     help="Comma-separated: cloud, local_ctx, cloud_ctx, costeer.",
 )
 @click.option("--cloud", default=DEFAULT_CLOUD, show_default=True, help="Cloud model spec.")
-@click.option("--local", "local_", default=DEFAULT_LOCAL, show_default=True)
+@click.option(
+    "--local",
+    "local_",
+    default=DEFAULT_LOCAL,
+    show_default=True,
+    help="Local (device) model spec; its tokenizer may differ from the cloud's (see --alignment).",
+)
+@click.option(
+    "--alignment",
+    default="text",
+    show_default=True,
+    help="Where the local model's tokenizer is not the cloud's, how CoSteer scores the "
+    "cloud's tokens: text (ours: every candidate, by the text it spells), intersection "
+    "(the paper's: only tokens both vocabularies spell alike), or text,intersection to "
+    "run and report both (costeer[text], costeer[intersection]). No effect otherwise.",
+)
 @click.option(
     "--cloud-url",
     default=None,
     help="Serve the cloud side from this server instead of in-process (it must serve "
-    "--cloud's weights; its tokenizer is the local model's).",
+    "--cloud's weights; --cloud's tokenizer is loaded, without its weights, where "
+    "--local differs).",
 )
 @click.option(
     "--cloud-api",
@@ -111,6 +127,7 @@ def eval_command(
     methods: str,
     cloud: str,
     local_: str,
+    alignment: str,
     cloud_url: str | None,
     cloud_api: str,
     max_new_tokens: int,
@@ -134,11 +151,18 @@ def eval_command(
     """
     from tqdm.auto import tqdm
 
-    from costeer_sdk.engine.loading import load_model, resolve_dtype
+    from costeer_sdk.engine.loading import load_model, load_tokenizer, resolve_dtype
     from costeer_sdk.engine.runtime import LoadedModel
     from costeer_sdk.errors import ConfigurationError
     from costeer_sdk.evaluation.report import write_report
-    from costeer_sdk.evaluation.runner import Evaluator, RunLog, RunSettings, check_methods
+    from costeer_sdk.evaluation.runner import (
+        Evaluator,
+        RunLog,
+        RunSettings,
+        check_alignments,
+        check_methods,
+        label,
+    )
     from costeer_sdk.evaluation.tasks import make_task
     from costeer_sdk.memory import SQLiteMemoryStore
 
@@ -148,6 +172,7 @@ def eval_command(
         )
         steering = SteeringConfig(iterations, alpha, beta, player_lambda, eta, gating)
         chosen = check_methods([m.strip() for m in methods.split(",") if m.strip()])
+        alignments = check_alignments([a.strip() for a in alignment.split(",") if a.strip()])
         if limit < 1:
             raise ConfigurationError("--limit must be >= 1")
         settings = RunSettings(
@@ -176,6 +201,9 @@ def eval_command(
             if load is not None:
                 await load()
             examples = list(itertools.islice(the_task.examples(), limit))
+            # A network cloud cannot hand over its tokenizer: --cloud's, where the local
+            # model may not share it (the client compares the two).
+            cloud_tokenizer = load_tokenizer(cloud) if cloud_url and local_ != cloud else None
             local_model = load_model(local_, dtype=settings.dtype)
             cloud_model = (
                 _remote(cloud_url, cloud_api, cloud, settings.top_k)
@@ -192,18 +220,27 @@ def eval_command(
                 top_k=settings.top_k,
                 max_new_tokens=max_new_tokens,
                 lookahead=lookahead,
+                alignments=alignments,
+                cloud_tokenizer=cloud_tokenizer,
             )
-            wanted = {(e.id, m) for e in examples for m in chosen}
-            with tqdm(
-                total=len(wanted), initial=len(wanted & runlog.done), desc=f"eval {task}"
-            ) as bar:
-                try:
+            try:
+                labels = [
+                    label({"method": m, "alignment": a})
+                    for m in chosen
+                    for a in await evaluator.variants(m)
+                ]
+                if alignments != ["text"] and "costeer" in labels:
+                    click.echo("--alignment has no effect: the two models share a tokenizer")
+                wanted = {(e.id, m) for e in examples for m in labels}
+                with tqdm(
+                    total=len(wanted), initial=len(wanted & runlog.done), desc=f"eval {task}"
+                ) as bar:
                     await evaluator.run(examples, chosen, runlog, on_done=lambda: bar.update())
-                finally:
-                    await evaluator.aclose()
-                    local_model.close()
-                    if isinstance(cloud_model, LoadedModel):
-                        cloud_model.close()
+            finally:
+                await evaluator.aclose()
+                local_model.close()
+                if isinstance(cloud_model, LoadedModel):
+                    cloud_model.close()
 
     started = time.perf_counter()
     try:

@@ -5,6 +5,10 @@ also pairs every method with CoSteer example by example: the mean difference wit
 95% bootstrap interval, and how often CoSteer wins, ties and loses. The chart shows
 those intervals against a zero line under the means, so a reader of the picture alone
 does not take a gap between two bars for a difference.
+
+Rows are grouped by `runner.label`: CoSteer with a local model from another family than
+the cloud's is ``costeer[text]`` (ours) or ``costeer[intersection]`` (the paper's), and
+each is paired with every other method, the other alignment included.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from costeer_sdk.evaluation.runner import METHODS
+from costeer_sdk.evaluation.runner import LABELS, label
 from costeer_sdk.extras import require
 
 if TYPE_CHECKING:
@@ -36,11 +40,11 @@ METRIC_TITLES = {
 
 
 def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per method (in `METHODS` order): example count, errors, mean seconds and
-    the mean of every metric."""
+    """One row per method (`runner.label`, in `LABELS` order): example count, errors,
+    mean seconds and the mean of every metric."""
     table = []
-    for method in METHODS:
-        mine = [r for r in rows if r["method"] == method]
+    for method in LABELS:
+        mine = [r for r in rows if label(r) == method]
         if not mine:
             continue
         line: dict[str, Any] = {
@@ -61,16 +65,16 @@ def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 def compare(rows: Sequence[dict[str, Any]], target: str = "costeer") -> list[dict[str, Any]]:
     """``target`` against every other method, paired by example, per quality metric:
     mean difference (target minus other), its 95% bootstrap interval (percentile, fixed
-    seed) and the target's wins / ties / losses."""
+    seed) and the target's wins / ties / losses. Methods are `runner.label`s."""
     import numpy as np
 
     by_method: dict[str, dict[str, dict[str, float]]] = {}
     for r in rows:
         if "error" not in r:
-            by_method.setdefault(r["method"], {})[r["id"]] = r["metrics"]
+            by_method.setdefault(label(r), {})[r["id"]] = r["metrics"]
     mine = by_method.get(target, {})
     result = []
-    for other in METHODS:
+    for other in LABELS:
         theirs = by_method.get(other, {})
         if other == target or not theirs:
             continue
@@ -152,11 +156,31 @@ def write_report(out: Path, rows: Sequence[dict[str, Any]], title: str) -> list[
     ]
     if table and "meteor" not in columns and any("rouge1" in line for line in table):
         lines.append("METEOR is absent: WordNet is not installed here (scripts/wordnet.sh).")
-    pairs = compare(rows)
-    lines += _paired_lines(pairs, "costeer")
+    targets = steered_labels(table)
+    if any("[" in target for target in targets):
+        lines.append(
+            "costeer[text]: CoSteer scoring every cloud candidate by the text it spells "
+            "(ours); costeer[intersection]: only the tokens both vocabularies spell alike "
+            "(the paper's code). The local model's tokenizer is not the cloud's."
+        )
+    for target in targets:
+        lines += _paired_lines(compare(rows, target), target)
     (out / "results.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    _chart(out / "results.png", table, pairs, [c for c in columns if c in METRIC_ORDER], title)
+    target = targets[0] if targets else "costeer"  # the chart pairs the first
+    _chart(
+        out / "results.png",
+        table,
+        compare(rows, target),
+        [c for c in columns if c in METRIC_ORDER],
+        title,
+        target,
+    )
     return table
+
+
+def steered_labels(table: Sequence[dict[str, Any]]) -> list[str]:
+    """The CoSteer labels in ``table`` (`summarize`'s), ours first."""
+    return [line["method"] for line in table if str(line["method"]).startswith("costeer")]
 
 
 def paired_intervals(
@@ -230,11 +254,12 @@ def _chart(
     pairs: Sequence[dict[str, Any]],
     metrics: list[str],
     title: str,
+    target: str,
 ) -> None:
     if not table or not metrics:
         require("matplotlib", "eval", "costeer eval's chart")
         return
-    fig = chart_figure(table, pairs, metrics, title)
+    fig = chart_figure(table, pairs, metrics, title, target)
     import matplotlib.pyplot as plt  # chart_figure has checked the extra is installed
 
     fig.savefig(path, dpi=100)

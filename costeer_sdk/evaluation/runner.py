@@ -11,6 +11,12 @@ path:
 
 The cloud side is the in-process model by default, or any `Remote` (a llama.cpp or vLLM
 server serving the same weights runs the cloud methods many times faster on a CPU).
+
+The local model may come from another family than the cloud (`costeer_sdk.alignment`).
+Then CoSteer runs once per alignment asked for, each row recording its ``alignment``,
+and is reported as ``costeer[text]`` (ours) and ``costeer[intersection]`` (the paper's)
+side by side (`label`). The other methods are the same under either alignment: the
+cloud alone emits its own tokens, and ``local_ctx`` runs the local model alone.
 """
 
 from __future__ import annotations
@@ -22,6 +28,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from transformers import PreTrainedTokenizerBase
+
+from costeer_sdk.alignment import METHODS as ALIGNMENTS
+from costeer_sdk.alignment import AlignmentMethod
 from costeer_sdk.client import PersonalLLM
 from costeer_sdk.engine.local import LocalModel
 from costeer_sdk.engine.runtime import LoadedModel
@@ -81,6 +91,27 @@ def check_methods(methods: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(methods))
 
 
+def check_alignments(alignments: Sequence[str]) -> list[AlignmentMethod]:
+    unknown = [a for a in alignments if a not in ALIGNMENTS]
+    if unknown or not alignments:
+        raise ConfigurationError(
+            f"unknown alignment(s) {', '.join(unknown) or '(none given)'}; choose from "
+            + ", ".join(ALIGNMENTS)
+        )
+    return list(dict.fromkeys(alignments))  # type: ignore[arg-type]  # checked above
+
+
+def label(row: dict[str, Any]) -> str:
+    """What the report calls a row's method: ``costeer[<alignment>]`` for CoSteer across
+    tokenizers, else the method."""
+    alignment = row.get("alignment")
+    return f"{row['method']}[{alignment}]" if alignment else str(row["method"])
+
+
+LABELS = (*METHODS, *(f"costeer[{a}]" for a in ALIGNMENTS))
+"""Every label, in the report's order."""
+
+
 class RunLog:
     """The output folder: ``run.json`` (settings) and ``generations.jsonl`` (results).
 
@@ -109,7 +140,7 @@ class RunLog:
         self._drop_torn_tail()
         if self.path.exists():
             for row in self.rows():
-                self.done.add((row["id"], row["method"]))
+                self.done.add((row["id"], label(row)))
 
     def _drop_torn_tail(self) -> None:
         """Cut a last line left unfinished by a crash, so appends start on a fresh line."""
@@ -156,7 +187,7 @@ class RunLog:
             )
         copied = 0
         for row in RunLog(other, RunSettings.from_json(found)).rows():
-            if row["method"] != "costeer" and (row["id"], row["method"]) not in self.done:
+            if row["method"] != "costeer" and (row["id"], label(row)) not in self.done:
                 self.append(row)
                 copied += 1
         return copied
@@ -166,11 +197,17 @@ class RunLog:
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
-        self.done.add((row["id"], row["method"]))
+        self.done.add((row["id"], label(row)))
 
 
 class Evaluator:
-    """Generates with each method for one task, over an already loaded model pair."""
+    """Generates with each method for one task, over an already loaded model pair.
+
+    ``alignments``: how CoSteer scores the cloud's tokens where the local model's
+    tokenizer is not the cloud's (one run of CoSteer per method; ignored where they are
+    the same). ``cloud_tokenizer``: the cloud's tokenizer, for a network cloud whose
+    tokenizer may differ from the local model's (an in-process cloud has its own).
+    """
 
     def __init__(
         self,
@@ -182,37 +219,71 @@ class Evaluator:
         top_k: int | None = DEFAULT_TOP_K,
         max_new_tokens: int = 128,
         lookahead: int = 0,
+        alignments: Sequence[AlignmentMethod] = ("text",),
+        cloud_tokenizer: PreTrainedTokenizerBase | None = None,
     ) -> None:
         self.task = task
         self.max_new_tokens = max_new_tokens
+        self.alignments = check_alignments(alignments)
         template = task.template
         remote = InProcessRemote(cloud, top_k=top_k) if isinstance(cloud, LoadedModel) else cloud
         # No prefix cache: a reused prefix can move a bfloat16 near tie, so a row would
         # depend on which rows ran before it in this process (and a resumed run would
         # differ); the examples' histories share little beyond the template's heading.
-        self.pair = PersonalLLM(
-            remote,
-            LocalModel(local, prefix_cache_bytes=0),
-            steering,
-            context_template=template,
-            lookahead=lookahead,  # rounds: the same greedy output in fewer requests
-        )
+        self.pairs = {
+            alignment: PersonalLLM(
+                remote,
+                LocalModel(local, prefix_cache_bytes=0),
+                steering,
+                context_template=template,
+                lookahead=lookahead,  # rounds: the same greedy output in fewer requests
+                cloud_tokenizer=cloud_tokenizer,
+                alignment=alignment,
+            )
+            for alignment in self.alignments
+        }
+        self.pair = self.pairs[self.alignments[0]]  # the baselines' (alignment-free)
+        self._crosses: bool | None = None
         self.local_alone = PersonalLLM(
             InProcessRemote(local, top_k=top_k),
             LocalModel(local, prefix_cache_bytes=0),
             context_template=template,
         )
 
-    async def generate(self, example: Example, history: list[str], method: str) -> dict[str, Any]:
-        """One generation as a result row (text, finish, timings, metrics)."""
+    async def crosses_tokenizers(self) -> bool:
+        """Whether the cloud's tokens are not the local model's (asks the remote once)."""
+        if self._crosses is None:
+            await self.pair._info()  # the client's own decision, from the remote's info
+            self._crosses = self.pair._cloud is not None
+        return self._crosses
+
+    async def variants(self, method: str) -> list[AlignmentMethod | None]:
+        """The alignments ``method`` runs under: each one asked for, for CoSteer across
+        tokenizers; else just one run (None)."""
+        if method == "costeer" and await self.crosses_tokenizers():
+            return list(self.alignments)
+        return [None]
+
+    async def generate(
+        self,
+        example: Example,
+        history: list[str],
+        method: str,
+        alignment: AlignmentMethod | None = None,
+    ) -> dict[str, Any]:
+        """One generation as a result row (text, finish, timings, metrics); CoSteer's
+        row records the ``alignment`` it ran under where the tokenizers differ."""
         private_prompt = self.task.template.render(history, example.query)
+        steered = self.pairs[alignment] if alignment is not None else self.pair
         llm, prompt, context = {
             "cloud": (self.pair, example.query, None),
-            "costeer": (self.pair, example.query, history),
+            "costeer": (steered, example.query, history),
             "cloud_ctx": (self.pair, private_prompt, None),
             "local_ctx": (self.local_alone, private_prompt, None),
         }[method]
         row: dict[str, Any] = {"id": example.id, "method": method}
+        if alignment is not None:
+            row["alignment"] = alignment
         try:
             out = await llm.generate(
                 prompt, context=context or None, max_new_tokens=self.max_new_tokens
@@ -242,17 +313,22 @@ class Evaluator:
         runlog: RunLog,
         on_done: Callable[[], None] = lambda: None,
     ) -> None:
+        runs = [(m, a) for m in methods for a in await self.variants(m)]
         for example in examples:
-            todo = [m for m in methods if (example.id, m) not in runlog.done]
+            todo = [
+                (m, a)
+                for m, a in runs
+                if (example.id, label({"method": m, "alignment": a})) not in runlog.done
+            ]
             if not todo:
                 continue
             history = await self.task.history(example)
-            for method in todo:
-                row = await self.generate(example, history, method)
+            for method, alignment in todo:
+                row = await self.generate(example, history, method, alignment)
                 runlog.append(row)
-                log.info("eval.generated", id=example.id, method=method)
+                log.info("eval.generated", id=example.id, method=label(row))
                 on_done()
 
     async def aclose(self) -> None:
-        await self.pair.remote.aclose()
+        await self.pair.remote.aclose()  # the one remote every alignment's client shares
         await self.local_alone.remote.aclose()
