@@ -6,6 +6,8 @@ trips, device passes and drafts kept.
     python bench/rounds_across_tokenizers.py
 """
 
+from __future__ import annotations
+
 import asyncio
 import json
 
@@ -13,8 +15,6 @@ from costeer_sdk import InProcessRemote, PersonalLLM
 from costeer_sdk.data import demo_history
 from costeer_sdk.engine.loading import load_model
 
-with demo_history() as p:
-    recs = [json.loads(l)["text"] for l in p.read_text().splitlines() if l]
 PROMPTS = [
     "Write a short review of my new running shoes, the Nike Pegasus 40, after 50 miles.",
     "Suggest a weekend plan for me.",
@@ -22,30 +22,25 @@ PROMPTS = [
 ]
 
 
-async def main():
-    c = load_model("builtin:qwen2.5-coder-0.5b-instruct", dtype="float32", progress=False)
-    d = load_model("builtin:smollm2-135m-instruct", dtype="float32", progress=False)
-    per = PersonalLLM(InProcessRemote(c), d)
-    r = PersonalLLM(InProcessRemote(c), d, lookahead=4)
-    for p in PROMPTS:
-        a = await per.generate(p, context=recs, max_new_tokens=40)
-        b = await r.generate(p, context=recs, max_new_tokens=40)
+async def main() -> None:
+    with demo_history() as path:
+        records = [json.loads(line)["text"] for line in path.read_text().splitlines() if line]
+    cloud = load_model("builtin:qwen2.5-coder-0.5b-instruct", dtype="float32", progress=False)
+    device = load_model("builtin:smollm2-135m-instruct", dtype="float32", progress=False)
+    per_token = PersonalLLM(InProcessRemote(cloud), device)
+    rounds = PersonalLLM(InProcessRemote(cloud), device, lookahead=4)
+    print("identical  tokens  round trips  device passes  drafts kept")
+    for prompt in PROMPTS:
+        a = await per_token.generate(prompt, context=records, max_new_tokens=40)
+        b = await rounds.generate(prompt, context=records, max_new_tokens=40)
         print(
-            a.token_ids == b.token_ids,
-            len(b.token_ids),
-            "rt",
-            a.stats.round_trips,
-            b.stats.round_trips,
-            "passes",
-            a.stats.local_passes,
-            b.stats.local_passes,
-            "acc",
-            b.stats.accepted_tokens,
-            "/",
-            b.stats.drafted_tokens,
+            f"{a.token_ids == b.token_ids!s:9}  {len(b.token_ids):6}  "
+            f"{a.stats.round_trips:4} -> {b.stats.round_trips:<4}  "
+            f"{a.stats.local_passes:5} -> {b.stats.local_passes:<5}  "
+            f"{b.stats.accepted_tokens} / {b.stats.drafted_tokens}"
         )
         if a.token_ids != b.token_ids:
-            print("  ", repr(a.text[:100]), "\n  ", repr(b.text[:100]))
+            print(f"  per-token: {a.text[:100]!r}\n  rounds:    {b.text[:100]!r}")
 
 
 if __name__ == "__main__":
