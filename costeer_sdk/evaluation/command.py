@@ -11,6 +11,7 @@ import click
 
 from costeer_sdk.builtins import DEFAULT_CLOUD, DEFAULT_LOCAL
 from costeer_sdk.cli_options import DTYPE
+from costeer_sdk.evaluation.tasks import TASK_NAMES
 from costeer_sdk.fusion import Gate, SteeringConfig
 from costeer_sdk.remotes.base import DEFAULT_TOP_K, Remote
 
@@ -21,18 +22,7 @@ _DEFAULTS = SteeringConfig()
 @click.option(
     "--task",
     required=True,
-    type=click.Choice(
-        [
-            "cogenesis",
-            "longlamp",
-            "longlamp-loo",
-            "longlamp-abstract",
-            "longlamp-abstract-loo",
-            "longlamp-topic",
-            "longlamp-topic-loo",
-            "preference",
-        ]
-    ),
+    type=click.Choice(TASK_NAMES),
     help="Dataset format and evaluation form.",
 )
 @click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
