@@ -294,16 +294,29 @@ async def both_sides(
     token: int,
     all_logits: bool,
 ) -> tuple[NextTokenLogprobs, NextTokenScores]:
+    """One pipelined step whose device pass appends ``token`` (`alongside`)."""
+    cloud, scores = await alongside(
+        clock, remote_step, functools.partial(local.advance, branches, token, all_logits=all_logits)
+    )
+    assert scores is not None
+    return cloud, scores
+
+
+async def alongside(
+    clock: StepClock,
+    remote_step: Awaitable[NextTokenLogprobs],
+    local_pass: Callable[[], Awaitable[T]] | None,
+) -> tuple[NextTokenLogprobs, T | None]:
     """One pipelined step: the cloud's request goes out first (`give_turns`), then the
-    device's pass over ``token`` runs while it is in flight."""
+    device's pass (None: it has nothing to do this step) runs while it is in flight."""
     remote_task = asyncio.ensure_future(remote_step)
     try:
         await give_turns(remote_task)
+        if local_pass is None:
+            return await remote_task, None
         clock.local_passes += 1
-        local_step = clock.local(
-            functools.partial(local.advance, branches, token, all_logits=all_logits)
-        )
-        return await asyncio.gather(remote_task, local_step)
+        cloud, result = await asyncio.gather(remote_task, clock.local(local_pass))
+        return cloud, result
     except BaseException:
         remote_task.cancel()  # no-op if it is what failed
         raise

@@ -12,7 +12,7 @@ The loop yields output ids: the cloud's ids, or for a text-keyed cloud, ids that
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -27,6 +27,7 @@ from costeer_sdk.engine.local import BranchPair, LocalModel
 from costeer_sdk.engine.readout import NextTokenScores
 from costeer_sdk.fusion import SteeringConfig
 from costeer_sdk.remotes.base import NextTokenLogprobs, RemoteSession, TextSession
+from costeer_sdk.scheduler import StepClock, alongside
 
 __all__ = ["PieceTable", "aligned"]
 
@@ -62,14 +63,12 @@ async def aligned(
     steering: SteeringConfig,
     chooser: TokenChooser,
     max_new_tokens: int,
-    clock: Any,
+    clock: StepClock,
     before_request: Callable[[], Awaitable[None]],
     start: int,
 ) -> AsyncGenerator[int, None]:
     """Yield output ids (module docstring), one per step, up to ``max_new_tokens``.
     ``start``: the cloud prompt's length in tokens (0 for a text session)."""
-    from costeer_sdk.scheduler import give_turns  # it imports this package lazily
-
     cloud, scores = first
     steered = local is not None and branches is not None and scores is not None
     for step in range(max_new_tokens):
@@ -96,16 +95,10 @@ async def aligned(
             continue
         assert local is not None and branches is not None
         edit = device_text.push(piece)
-        remote_task = asyncio.ensure_future(remote_step)
-        try:
-            await give_turns(remote_task)
-            if edit.add:
-                clock.local_passes += 1
-                scores = await clock.local(lambda e=edit: _apply(local, branches, e))
-            cloud = await remote_task
-        except BaseException:
-            remote_task.cancel()
-            raise
+        apply = functools.partial(_apply, local, branches, edit) if edit.add else None
+        cloud, fresh = await alongside(clock, remote_step, apply)
+        if fresh is not None:
+            scores = fresh
 
 
 def _output_id(options: CloudCandidates, index: int, table: PieceTable | None) -> int:
