@@ -16,13 +16,14 @@ one (byte-level BPE splits emoji and CJK characters), and tokenizers take string
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
 
 from costeer_sdk.alignment.vocabulary import Vocabulary
 
-__all__ = ["LOOK_BEHIND", "DeviceText", "Edit"]
+__all__ = ["LOOK_BEHIND", "DeviceText", "Edit", "common_prefix"]
 
 LOOK_BEHIND = 8
 """Tokens re-tokenized before each new piece (Hugging Face's assisted generation looks
@@ -78,10 +79,7 @@ class DeviceText:
         start = self.ends[start_token - 1] if start_token else 0
         tail = bytes(self.text[start:complete])
         new = self._tokenize(tail)
-        old = self.tokens[start_token:]
-        same = 0
-        while same < min(len(old), len(new)) and old[same] == new[same]:
-            same += 1
+        same = common_prefix(self.tokens[start_token:], new)
         if same == len(new):  # the text grew but no token changed or was added: refeed
             same -= 1
         keep = start_token + same
@@ -118,6 +116,14 @@ class DeviceText:
             ids.append(token)
             at += len(self.vocabulary.pieces[token] or b"")
         return ids
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens ``a`` and ``b`` share."""
+    same = 0
+    while same < min(len(a), len(b)) and a[same] == b[same]:
+        same += 1
+    return same
 
 
 def _complete_utf8(text: bytearray) -> int:

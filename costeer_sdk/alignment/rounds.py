@@ -25,7 +25,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 import torch
 
 from costeer_sdk.alignment.aligner import Aligner, CloudCandidates
-from costeer_sdk.alignment.device_text import DeviceText
+from costeer_sdk.alignment.device_text import DeviceText, common_prefix
 from costeer_sdk.decoding import TokenChooser
 from costeer_sdk.engine.local import BranchPair, LocalModel
 from costeer_sdk.engine.readout import NextTokenScores
@@ -45,7 +45,7 @@ class _DeviceState:
     def __init__(
         self, local: LocalModel, branches: BranchPair, text: DeviceText, after: NextTokenScores
     ) -> None:
-        self.local, self.branches, self.text = local, branches, text
+        self.local, self.branches = local, branches
         self.held: list[int] = list(text.tokens)  # the tokens the branches hold
         self.known: dict[int, NextTokenScores] = {len(self.held): after}
         self.anchor = (text.ends[-1] if text.ends else 0, after)
@@ -53,15 +53,10 @@ class _DeviceState:
     async def become(self, tokens: list[int], clock: StepClock) -> int:
         """Make the branches hold ``tokens`` (cut back to the common prefix, one pass
         over the rest); return the passes run (0 or 1)."""
-        same = 0
-        while same < min(len(self.held), len(tokens)) and self.held[same] == tokens[same]:
-            same += 1
+        same = common_prefix(self.held, tokens)
         if same == len(tokens) and same not in self.known and same > 0:
             same -= 1  # no scores after the last token: feed it again
-        if same < len(self.held):
-            await self.local.crop(self.branches, len(self.held) - same)
-            del self.held[same:]
-            self.known = {n: s for n, s in self.known.items() if n <= same}
+        await self._cut_to(same)
         add = tokens[same:]
         if not add:
             return 0
@@ -73,13 +68,14 @@ class _DeviceState:
 
     async def trim(self, tokens: list[int]) -> None:
         """Cut the branches back to their longest prefix in common with ``tokens``."""
-        same = 0
-        while same < min(len(self.held), len(tokens)) and self.held[same] == tokens[same]:
-            same += 1
-        if same < len(self.held):
-            await self.local.crop(self.branches, len(self.held) - same)
-            del self.held[same:]
-            self.known = {n: s for n, s in self.known.items() if n <= same}
+        await self._cut_to(common_prefix(self.held, tokens))
+
+    async def _cut_to(self, length: int) -> None:
+        """Forget the held tokens past ``length``, and the scores after them."""
+        if length < len(self.held):
+            await self.local.crop(self.branches, len(self.held) - length)
+            del self.held[length:]
+            self.known = {n: s for n, s in self.known.items() if n <= length}
 
     def scores_at(self, text: DeviceText, offset: int) -> tuple[NextTokenScores, bytes]:
         """The scores for the text's first ``offset`` bytes: after the longest held run
