@@ -18,17 +18,9 @@ from costeer_sdk.alignment.device_text import DeviceText
 from costeer_sdk.alignment.loop import PieceTable
 from costeer_sdk.alignment.vocabulary import Vocabulary
 from costeer_sdk.context import Prompt, PromptBuilder
-from costeer_sdk.engine.runtime import END_OF_TURN_TOKENS, LoadedModel
+from costeer_sdk.engine.runtime import LoadedModel, tokenizer_eos_ids
 
-__all__ = ["CloudSide", "Crossing", "tokenizer_eos_ids"]
-
-
-def tokenizer_eos_ids(tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
-    """A bare tokenizer's end-of-turn ids: its EOS and its chat format's end marker."""
-    ids = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
-    vocab = tokenizer.get_vocab()
-    ids.update(vocab[token] for token in END_OF_TURN_TOKENS if token in vocab)
-    return frozenset(ids)
+__all__ = ["CloudSide", "Crossing"]
 
 
 @dataclass(frozen=True)

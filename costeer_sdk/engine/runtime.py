@@ -26,6 +26,15 @@ T = TypeVar("T")
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
 
 
+def tokenizer_eos_ids(tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+    """A tokenizer's end-of-turn ids: its EOS and its chat format's end marker (a model
+    adds its generation config's, `LoadedModel.eos_token_ids`)."""
+    ids = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
+    vocab = tokenizer.get_vocab()
+    ids.update(vocab[token] for token in END_OF_TURN_TOKENS if token in vocab)
+    return frozenset(ids)
+
+
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     """A hash of what every token id means; equal fingerprints mean interchangeable ids."""
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
@@ -86,16 +95,12 @@ class LoadedModel:
     def eos_token_ids(self) -> frozenset[int]:
         """Ids that end a generation: the tokenizer's and generation config's EOS, and
         the end-of-turn marker of the model's chat format."""
-        ids: set[int] = set()
-        if self.tokenizer.eos_token_id is not None:
-            ids.add(int(self.tokenizer.eos_token_id))
+        ids = set(tokenizer_eos_ids(self.tokenizer))
         configured = getattr(self.model.generation_config, "eos_token_id", None)
         if isinstance(configured, int):
             ids.add(configured)
         elif configured:
             ids.update(int(i) for i in configured)
-        vocab = self.tokenizer.get_vocab()
-        ids.update(vocab[tok] for tok in END_OF_TURN_TOKENS if tok in vocab)
         return frozenset(ids)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
