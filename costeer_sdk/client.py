@@ -226,15 +226,16 @@ class PersonalLLM:
             return CloudSide.build(
                 local, self.cloud_tokenizer, self.alignment, text_keys=True, system_prompt=system
             )
-        remote_fingerprint = info.tokenizer_fingerprint
-        if remote_fingerprint is None and self.cloud_tokenizer is not None:
-            remote_fingerprint = tokenizer_fingerprint(self.cloud_tokenizer)
+        reported = info.tokenizer_fingerprint
+        if reported == local.fingerprint:  # one tokenizer: no need to hash the cloud's
+            return None
+        given = (
+            None if self.cloud_tokenizer is None else tokenizer_fingerprint(self.cloud_tokenizer)
+        )
+        remote_fingerprint = reported or given
         if remote_fingerprint is None or remote_fingerprint == local.fingerprint:
             return None
-        if self.cloud_tokenizer is None or (
-            info.tokenizer_fingerprint is not None
-            and tokenizer_fingerprint(self.cloud_tokenizer) != info.tokenizer_fingerprint
-        ):
+        if given != remote_fingerprint:
             raise TokenizerMismatchError(
                 f"the cloud model {info.model!r} and the local model {local.name!r} use "
                 f"different tokenizers (vocabulary hashes {remote_fingerprint[:12]} vs "
